@@ -1,0 +1,44 @@
+"""Byte-level BPE from Hugging Face `tokenizers`: train on the corpus or load a tokenizer.json.
+
+Byte-level means every UTF-8 string round-trips exactly: the 256 byte symbols are always in
+the alphabet, and special tokens get their own ids outside them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    # add_prefix_space=False: "def" at the start of a file and after a newline encode alike.
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load(path: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def file_hash(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def eot_id(tok: Tokenizer) -> int:
+    i = tok.token_to_id(EOT)
+    if i is None:
+        raise ValueError(f"tokenizer has no {EOT} token")
+    return i

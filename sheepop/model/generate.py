@@ -1,0 +1,85 @@
+"""Sampling from a Transformer: greedy, temperature, top-k, top-p; with or without the KV cache.
+
+With the cache the prompt is processed once (prefill) and every new token then costs a single
+position; without it the whole sequence is re-run each step (kept for benchmarks and tests,
+which check both paths pick the same greedy tokens).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from sheepop.model.transformer import KVCache, Transformer
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) → next token ids (B,). temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already cover top_p of the mass.
+        drop = probs.cumsum(-1) - probs > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, pad_id: int = 0,
+             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+    """Continue each prompt; returns only the new tokens of each (stopping at eos_id).
+
+    Prompts of different lengths are left-padded; an attention mask hides the padding and
+    positions count from each prompt's first real token, so a batched prompt generates
+    the same tokens as the same prompt alone.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = model.args.max_seq_len
+    budget = ctx - max_new_tokens
+    if budget < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in the context of {ctx}")
+    if any(len(p) > budget for p in prompts):
+        warnings.warn(f"prompt longer than {budget} tokens (context {ctx} - {max_new_tokens} new): keeping its last {budget}")
+        prompts = [p[-budget:] for p in prompts]
+    B, L = len(prompts), max(len(p) for p in prompts)
+    pads = torch.tensor([L - len(p) for p in prompts], device=device)
+    tokens = torch.tensor([[pad_id] * (L - len(p)) + list(p) for p in prompts], device=device)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    out: list[list[int]] = [[] for _ in range(B)]
+    cache = KVCache(model.args.n_layers) if use_cache else None
+    step_input = tokens
+    for _ in range(max_new_tokens):
+        S = tokens.shape[1]  # keys visible so far
+        T = step_input.shape[1]
+        q_pos = torch.arange(S - T, S, device=device)
+        keys = torch.arange(S, device=device)
+        # (B, 1, T, S): causal and not padding; per-row positions start after the padding.
+        mask = (keys[None, None, :] <= q_pos[None, :, None]) & (keys[None, None, :] >= pads[:, None, None])
+        positions = (q_pos[None, :] - pads[:, None]).clamp(min=0)
+        logits = model(step_input, cache=cache, positions=positions, mask=mask[:, None])
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        for i in range(B):
+            if not done[i]:
+                out[i].append(int(nxt[i]))
+        if eos_id is not None:
+            done |= nxt == eos_id
+            if bool(done.all()):
+                break
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        step_input = nxt[:, None] if use_cache else tokens
+    if eos_id is not None:
+        out = [o[: o.index(eos_id)] if eos_id in o else o for o in out]
+    return out
+

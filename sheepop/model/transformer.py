@@ -1,0 +1,207 @@
+"""A decoder-only transformer, readable top to bottom (Llama-style).
+
+token embedding → N × [RMSNorm → grouped-query attention with RoPE → residual,
+                       RMSNorm → SwiGLU MLP → residual] → RMSNorm → output head
+
+Nothing here knows about DeepSpeed, Ray or W&B: the engine wraps this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 1024
+    d_model: int = 96
+    n_layers: int = 3
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_ff: int = 256
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    @classmethod
+    def from_config(cls, model_cfg: dict) -> "ModelArgs":
+        """Take the fields we know from a config dict (it also holds e.g. the preset name)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in model_cfg.items() if k in names})
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise.
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's features; x: (B, H, T, D).
+
+    The half-split layout is the one Hugging Face's Llama uses, so exported weights need no permutation.
+    """
+    x1, x2 = x.float().chunk(2, dim=-1)
+    if cos.dim() == 2:  # (T, D/2): same positions for every row
+        cos, sin = cos[None, None], sin[None, None]
+    else:  # (B, T, D/2): per-row positions (left-padded generation)
+        cos, sin = cos[:, None], sin[:, None]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of past positions for every layer, so each new token costs one position."""
+
+    def __init__(self, n_layers: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is not None:
+            k = torch.cat([self.k[layer], k], dim=2)
+            v = torch.cat([self.v[layer], v], dim=2)
+        self.k[layer], self.v[layer] = k, v
+        return k, v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, mask: torch.Tensor | None = None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        if mask is None and k.shape[2] != T:
+            # Decoding with a cache: new queries sit at the end, so query i sees keys <= past + i.
+            past = k.shape[2] - T
+            mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,  # K/V heads are shared by groups of queries
+        )
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.d_model, args.d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(args.d_model, args.d_ff, bias=False)  # up
+        self.w2 = nn.Linear(args.d_ff, args.d_model, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.attn = Attention(args, layer)
+        self.mlp_norm = RMSNorm(args.d_model, args.norm_eps)
+        self.mlp = SwiGLU(args)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_emb = nn.Embedding(args.vocab_size, args.d_model)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.d_model, args.norm_eps)
+        self.head = nn.Linear(args.d_model, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, std) init; residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                continue  # norm weights stay at 1
+            scale = 1 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 1.0
+            nn.init.normal_(p, mean=0.0, std=std * scale)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or the mean next-token cross-entropy when targets are given.
+
+        positions: (T,) or (B, T) absolute positions (default: cache length onwards); mask: an optional
+        boolean (B, 1, T, S) attention mask for padded batches, True = may attend.
+        """
+        T = idx.shape[1]
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.tok_emb(idx)
+        for block in self.layers:
+            x = block(x, cos, sin, cache, mask)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def num_params(args: ModelArgs, embedding: bool = True) -> int:
+    """Parameter count from the shape alone (no allocation), so `plan` works for 7B on a laptop."""
+    d, hd = args.d_model, args.head_dim
+    attn = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2
+    mlp = 3 * d * args.d_ff
+    per_layer = attn + mlp + 2 * d
+    body = args.n_layers * per_layer + d
+    emb = args.vocab_size * d * (1 if args.tie_embeddings else 2)
+    return body + (emb if embedding else (0 if args.tie_embeddings else args.vocab_size * d))
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward), PaLM appendix B style:
+    6 × non-embedding params (the output head counts) + 12 · layers · d · seq for attention scores."""
+    matmul_params = num_params(args, embedding=False) + (args.vocab_size * args.d_model if args.tie_embeddings else 0)
+    return 6 * matmul_params + 12 * args.n_layers * args.d_model * seq_len

@@ -1,0 +1,152 @@
+"""Checkpoints: one folder per save, holding everything a resume needs.
+
+  <root>/step_000100/
+      ds/                DeepSpeed engine state: weights, optimizer (one shard per rank), scheduler
+      meta.json          step, world size, ZeRO stage, W&B run id, tokens seen
+      config.yaml        the resolved config (secrets redacted)
+      tokenizer.json
+
+<root> is <cluster.storage_path or run.dir>/checkpoints. Without Ray the folder is written
+in place (as step_N.tmp, renamed when complete). With Ray each rank writes its own shard to a
+local temporary folder and reports it; Ray Train merges the ranks' folders into one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+
+from sheepop.config import redact
+from sheepop.errors import UserError
+
+DS_TAG = "ds"
+
+
+def root(cfg: dict) -> Path:
+    base = cfg["cluster"].get("storage_path") or cfg["run"]["dir"]
+    return Path(base).expanduser().absolute() / "checkpoints"
+
+
+def name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (meta.json present), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [p for p in ckpt_root.iterdir() if p.is_dir() and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: read_meta(p)["step"])
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def read_meta(path: Path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def resolve_resume(cfg: dict) -> Path | None:
+    """The checkpoint trainer.resume asks for: auto → newest in this run, never → None, else a path."""
+    r = cfg["trainer"]["resume"]
+    if r == "never":
+        return None
+    if r == "auto":
+        return latest(root(cfg))
+    p = Path(r).expanduser()
+    if p.is_dir() and (p / "meta.json").is_file():
+        return p
+    if p.is_dir() and latest(p):  # a checkpoints/ folder or a run dir
+        return latest(p)
+    if p.is_dir() and latest(p / "checkpoints"):
+        return latest(p / "checkpoints")
+    raise UserError(f"trainer.resume={r}: not a checkpoint (no meta.json); valid: auto, never, "
+                    "a step_N folder, a checkpoints/ folder or a run dir")
+
+
+def save(engine, cfg: dict, state: dict, tokenizer_path: Path, *, rank: int, report=None) -> Path | None:
+    """Save on every rank (each writes its shard). `report(dir, name)` hands the folder to Ray
+    Train; without it the checkpoint is written straight into root(cfg)."""
+    step_name = name(state["step"])
+    if report is None:
+        final = root(cfg) / step_name
+        target = final.with_name(step_name + ".tmp")
+        if rank == 0:
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+    else:
+        target = Path(tempfile.mkdtemp(prefix=f"sheepop-{step_name}-r{rank}-"))
+    engine.save_checkpoint(str(target), tag=DS_TAG, save_latest=False)
+    if rank == 0:
+        (target / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
+        shutil.copy(tokenizer_path, target / "tokenizer.json")
+        (target / "meta.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
+    if report is not None:
+        report(target, step_name)
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    torch.distributed.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        target.rename(final)
+        prune(root(cfg), cfg["trainer"]["keep_checkpoints"])
+    return final
+
+
+def prune(ckpt_root: Path, keep: int) -> None:
+    if keep > 0:
+        for old in list_checkpoints(ckpt_root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, path: Path) -> dict:
+    """Restore engine state (weights, optimizer, scheduler) and return meta.json."""
+    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    return read_meta(path)
+
+
+def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a checkpoint of any ZeRO stage and world size, without a process group."""
+    ds_dir = Path(path) / DS_TAG
+    if any(ds_dir.glob("*optim_states.pt")):
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+    else:  # stage 0: rank 0's model file holds the full weights
+        sd = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() for k, v in sd.items()}
+
+
+def load_model(run_or_ckpt: str | Path):
+    """(model, tokenizer, meta) from a run dir or a checkpoint folder, for generate/eval/export."""
+    from sheepop.data.tokenizer import load as load_tokenizer
+    from sheepop.model import ModelArgs, Transformer
+
+    p = Path(run_or_ckpt).expanduser()
+    ckpt = p if (p / "meta.json").is_file() else latest(p / "checkpoints") or latest(p)
+    if ckpt is None:
+        raise UserError(f"run.dir={p}: no checkpoint found (expected {p}/checkpoints/step_N/meta.json)")
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    model = Transformer(ModelArgs.from_config(cfg["model"]))
+    sd = consolidated_state_dict(ckpt)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # Tied weights appear under one name only; anything else missing is a real mismatch.
+    if unexpected or [k for k in missing if k != "head.weight"]:
+        raise UserError(f"checkpoint {ckpt} does not match model {cfg['model']['name']}: "
+                        f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.eval()
+    return model, load_tokenizer(ckpt / "tokenizer.json"), {**read_meta(ckpt), "path": str(ckpt), "config": cfg}
+

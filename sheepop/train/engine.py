@@ -1,0 +1,157 @@
+"""The DeepSpeed engine: its JSON config from ours, process-group setup, initialisation.
+
+This is the one place that wraps the model for parallelism (the model file knows nothing of
+it). World size 1 goes through the very same engine, so a laptop run and a cluster run
+differ only in how many processes call `build`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+
+# DeepSpeed picks its accelerator at import time: tell it before anything imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # torch 2.13 warns on every all-gather
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+
+from sheepop.config import batch_plan  # noqa: E402
+
+ds_logger.setLevel(os.environ.get("SHEEPOP_DS_LOG_LEVEL", "WARNING"))
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:  # CPUs with AVX512-BF16 / AMX run bf16 matmuls natively; others emulate them slowly
+        flags = open("/proc/cpuinfo").read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """bf16 autocast (master weights and optimizer stay fp32), or None for plain fp32."""
+    if precision == "bf16" or (precision == "auto" and bf16_supported()):
+        return torch.bfloat16
+    return None
+
+
+def init_distributed() -> tuple[int, int]:
+    """(rank, world size). Reuses a process group that Ray Train already set up; otherwise
+    starts a world of one in this process (DeepSpeed insists on a process group)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: dict, world_size: int) -> dict:
+    """DeepSpeed JSON from sheepop's config; `parallelism.deepspeed` raw keys merge last."""
+    p, t = cfg["parallelism"], cfg["trainer"]
+    plan = batch_plan(cfg, world_size)
+    zero: dict = {
+        "stage": p["zero_stage"],
+        "overlap_comm": p["overlap_comm"],
+        "contiguous_gradients": p["contiguous_gradients"],
+        "reduce_bucket_size": p["reduce_bucket_size"],
+    }
+    if p["zero_stage"] in (1, 2):
+        zero["allgather_bucket_size"] = p["allgather_bucket_size"]
+    if p["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if p["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds = {
+        "train_micro_batch_size_per_gpu": plan["micro_batch_size"],
+        "gradient_accumulation_steps": plan["grad_accum_steps"],
+        "train_batch_size": plan["global_batch_size"],
+        "gradient_clipping": t["grad_clip"],
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as client optimizer
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    if p["offload_optimizer"]:
+        # Offloaded optimizer state must be stepped by DeepSpeed's CPU Adam (JIT-built once).
+        ds["optimizer"] = {"type": "AdamW", "params": {
+            "lr": t["lr"], "betas": [t["beta1"], t["beta2"]], "eps": t["eps"], "weight_decay": t["weight_decay"]}}
+    return _merge(ds, p.get("deepspeed") or {})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (linear and embedding weights); leave norms' gains alone."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg: dict):
+    """Linear warmup to trainer.lr, then cosine to trainer.min_lr at max_steps (a multiplier of lr)."""
+    t = cfg["trainer"]
+    warm, total, floor = t["warmup_steps"], t["max_steps"], t["min_lr"] / t["lr"]
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build(model: torch.nn.Module, cfg: dict, world_size: int):
+    """Wrap the model: returns the DeepSpeed engine (its .optimizer and .lr_scheduler set)."""
+    t = cfg["trainer"]
+    ds_cfg = deepspeed_config(cfg, world_size)
+    groups = param_groups(model, t["weight_decay"])
+    optimizer = None
+    if "optimizer" not in ds_cfg:
+        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=(t["beta1"], t["beta2"]), eps=t["eps"])
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    return engine
+
+
+def shutdown() -> None:
+    """Barrier then destroy: without it ~1 in 4 gloo runs aborted at exit (shared/STACK.md)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

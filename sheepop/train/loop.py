@@ -1,0 +1,175 @@
+"""The training loop: the same function on every rank, for every world size.
+
+`train(cfg)` takes the plain resolved config dict. The runner calls it in-process (one rank,
+no Ray) or as Ray Train's `train_loop_per_worker` on N workers; the only difference is
+`report`, which hands checkpoints to Ray Train when Ray is there.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sheepop.config import batch_plan
+from sheepop.data.loader import TokenWindows
+from sheepop.data.shards import prepare
+from sheepop.model import ModelArgs, Transformer, flops_per_token
+from sheepop.train import checkpoint, engine as eng
+from sheepop.train.metrics import MetricsSink
+
+STOP_FILE = "STOP"  # touch <run.dir>/STOP to make every rank save and exit (what Ctrl-C does)
+
+
+class StopRequest:
+    """First Ctrl-C (or a STOP file) asks for a clean stop at the next step; a second one aborts."""
+
+    def __init__(self, run_dir: Path):
+        self.file = run_dir / STOP_FILE
+        self.signalled = False
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (Ray worker threads): rely on the STOP file
+            self._old = None
+
+    def _handler(self, *_):
+        if self.signalled:
+            raise KeyboardInterrupt
+        self.signalled = True
+
+    def requested(self) -> bool:
+        return self.signalled or self.file.exists()
+
+    def restore(self):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
+    """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
+
+    report(dir, name): Ray Train's checkpoint hand-off (None without Ray).
+    resume_dir: checkpoint to start from (Ray passes the one it restored after a failure).
+    """
+    rank, world = eng.init_distributed()
+    t_cfg = cfg["trainer"]
+    run_dir = Path(cfg["run"]["dir"])
+    seed = cfg["run"]["seed"]
+    manifest = prepare(cfg, log=lambda *_: None)  # done by the driver; a no-op unless this node lacks it
+    data_dir = Path(cfg["data"]["out_dir"])
+    plan = batch_plan(cfg, world)
+    micro, accum, seq = plan["micro_batch_size"], plan["grad_accum_steps"], plan["seq_len"]
+    amp = eng.autocast_dtype(t_cfg["precision"])
+    device = eng.device()
+
+    torch.manual_seed(seed)  # same init on every rank
+    args = ModelArgs.from_config(cfg["model"])
+    model = Transformer(args)
+    resume_dir = resume_dir or checkpoint.resolve_resume(cfg)
+    engine = eng.build(model, cfg, world)
+    state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0}
+    if resume_dir is not None:
+        state.update(checkpoint.load(engine, resume_dir))
+        state["attempt"] = state.get("attempt", 0) + 1
+
+    train_data = TokenWindows(data_dir, manifest, "train", seq)
+    val_data = TokenWindows(data_dir, manifest, "val", seq)
+    sink = MetricsSink(cfg, rank, state.get("wandb_id"))
+    state["wandb_id"] = sink.wandb_id
+    stop = StopRequest(run_dir)
+    fpt = flops_per_token(args, seq)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
+
+    def evaluate() -> float:
+        engine.eval()
+        total = torch.zeros(2, device=device)
+        with torch.no_grad():
+            for x, y in val_data.val_batches(seed, rank=rank, world=world, micro=micro,
+                                             batches=t_cfg["eval_batches"]):
+                with autocast():
+                    total += torch.stack([engine(x.to(device), y.to(device)).float() * len(x),
+                                          torch.tensor(float(len(x)), device=device)])
+        dist.all_reduce(total)
+        engine.train()
+        return (total[0] / total[1]).item()
+
+    def save(final: bool = False) -> None:
+        checkpoint.save(engine, cfg, {**state, "world_size": world, "zero_stage": cfg["parallelism"]["zero_stage"],
+                                      "final": final},
+                        data_dir / "tokenizer.json", rank=rank, report=report)
+        sink.event("checkpoint", step=state["step"])
+
+    start_step = state["step"]
+    sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
+               global_batch=plan["global_batch_size"], grad_accum=accum, micro_batch=micro,
+               tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt, precision=str(amp or "fp32"),
+               checkpoint=str(resume_dir) if resume_dir else None)
+    if start_step == 0:
+        sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
+    engine.train()
+    last: dict = {}
+    stopped = False
+    while state["step"] < t_cfg["max_steps"]:
+        step = state["step"]
+        t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at its end)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(accum):
+            x, y = train_data.micro_batch(seed, step, rank=rank, world=world, micro=micro, accum=accum, index=m)
+            with autocast():
+                loss = engine(x.to(device), y.to(device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float()
+        # One all-reduce carries the loss and everyone's stop flag.
+        buf = torch.stack([loss_sum / accum, torch.tensor(float(stop.requested()), device=device)])
+        dist.all_reduce(buf)
+        state["step"] = step = step + 1
+        state["tokens"] += plan["tokens_per_step"]
+        dt = time.perf_counter() - t0
+        last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
+                "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
+                "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
+        if not math.isfinite(last["loss"]):
+            raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
+        if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:
+            last["val_loss"] = evaluate()
+            last["val_ppl"] = math.exp(min(last["val_loss"], 50))
+        if step % t_cfg["log_every"] == 0 or "val_loss" in last or step == t_cfg["max_steps"]:
+            sink.log(last)
+        stopped = buf[1].item() > 0
+        if stopped or step == t_cfg["max_steps"] or (t_cfg["save_every"] and step % t_cfg["save_every"] == 0):
+            save(final=step == t_cfg["max_steps"])
+        if stopped:
+            sink.event("stop", step=step, reason="stop requested (Ctrl-C or STOP file)")
+            break
+
+    probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
+    (run_dir / f"rank{rank}.json").write_text(json.dumps({"step": state["step"], "probe_loss": probe,
+                                                          "world_size": world}))
+    sink.event("end", step=state["step"], stopped=stopped)
+    sink.close()
+    stop.restore()
+    eng.shutdown()
+    return {**last, "stopped": stopped, "probe_loss": probe}
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)
+
+
+def _probe_loss(engine, val_data: TokenWindows, seed: int, micro: int, autocast, device) -> float:
+    """Loss of the final weights on one fixed batch, identical on every rank: ranks (and ZeRO
+    stages) that hold the same model report the same number."""
+    x, y = next(val_data.val_batches(seed, rank=0, world=1, micro=micro, batches=1))
+    engine.eval()
+    with torch.no_grad(), autocast():
+        return engine(x.to(device), y.to(device)).float().item()
