@@ -21,7 +21,7 @@ from sheepop.data.loader import TokenWindows
 from sheepop.data.shards import prepare
 from sheepop.model import ModelArgs, Transformer, flops_per_token
 from sheepop.train import checkpoint, engine as eng
-from sheepop.train.metrics import MetricsSink
+from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 
 STOP_FILE = "STOP"  # touch <run.dir>/STOP to make every rank save and exit (what Ctrl-C does)
 
@@ -135,11 +135,14 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
         last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
+        last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
+                                device=device))
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
         if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:
             last["val_loss"] = evaluate()
             last["val_ppl"] = math.exp(min(last["val_loss"], 50))
+            eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink)
         if step % t_cfg["log_every"] == 0 or "val_loss" in last or step == t_cfg["max_steps"]:
             sink.log(last)
         stopped = buf[1].item() > 0

@@ -114,3 +114,14 @@ def latest_per_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]
             by_step[r["step"]] = r[key]
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
+
+
+def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: int, device) -> dict:
+    """Extra per-step fields (MFU, memory). Called on every rank (collectives allowed)."""
+    return {}
+
+
+def eval_extras(*, engine, cfg: dict, step: int, rank: int, sink: "MetricsSink") -> None:
+    """Called on every rank after each evaluation (e.g. to log generated samples; under ZeRO-3 all
+    ranks must take part in gathering parameters)."""
+    return None
