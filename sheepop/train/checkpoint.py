@@ -121,6 +121,7 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         import contextlib
         import io
 
+        import sheepop.train.engine  # noqa: F401  (sets DS_ACCELERATOR before DeepSpeed loads)
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter

@@ -1,0 +1,60 @@
+"""The transformer: causality, shapes, parameter counts, the KV cache."""
+import torch
+
+from sheepop.model import KVCache, ModelArgs, Transformer, num_params
+from sheepop.model.generate import generate
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return Transformer(ModelArgs(**{"init_std": 0.2, **kw})).eval()
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    m = _model()
+    x = torch.randint(0, 1024, (2, 32))
+    for t in (0, 10, 30):
+        x2 = x.clone()
+        x2[:, t + 1] = (x2[:, t + 1] + 7) % 1024
+        a, b = m(x), m(x2)
+        assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+        assert not torch.allclose(a[:, t + 1:], b[:, t + 1:])  # and later positions do see it
+
+
+def test_param_count_matches_allocation_tied_and_untied():
+    for tied in (True, False):
+        args = ModelArgs(tie_embeddings=tied, n_kv_heads=1)
+        m = Transformer(args)
+        assert sum(p.numel() for p in m.parameters()) == num_params(args)
+
+
+def test_published_llama_7b_parameter_count_without_allocating():
+    args = ModelArgs(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
+                     tie_embeddings=False)
+    assert num_params(args) == 6_738_415_616
+
+
+def test_loss_is_cross_entropy_of_logits():
+    m = _model()
+    x = torch.randint(0, 1024, (2, 16))
+    y = torch.randint(0, 1024, (2, 16))
+    ref = torch.nn.functional.cross_entropy(m(x).reshape(-1, 1024), y.reshape(-1))
+    assert torch.allclose(m(x, y), ref)
+
+
+def test_kv_cache_logits_equal_full_forward():
+    m = _model()
+    x = torch.randint(0, 1024, (1, 24))
+    full = m(x)
+    cache = KVCache(m.args.n_layers)
+    parts = [m(x[:, :10], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(10, 24)]
+    assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-4  # float noise of a different op order
+
+
+def test_generation_cached_equals_uncached_and_batched_equals_single():
+    m = _model()
+    prompts = [[5, 9, 100, 3, 7, 2], [44, 8], [1, 2, 3]]
+    cached = generate(m, prompts, 12, use_cache=True)
+    assert cached == generate(m, prompts, 12, use_cache=False)
+    assert cached == [generate(m, [p], 12)[0] for p in prompts]
+    assert len({tuple(c) for c in cached}) > 1 and len(set(cached[0])) > 1  # non-trivial output

@@ -1,0 +1,100 @@
+"""End-to-end training through the real CLI (real DeepSpeed on gloo, real tokenizers)."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sheepop.train.metrics import latest_per_step, read_metrics
+from tests.conftest import ROOT, sheepop, tiny_overrides
+
+pytestmark = pytest.mark.slow
+FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
+
+
+def test_default_cluster_run_writes_every_artefact(tmp_path):
+    """The issue's acceptance command, on the default cluster (a local Ray instance)."""
+    run = tmp_path / "r"
+    r = sheepop("train", "model=tiny", "trainer.max_steps=30", f"run.dir={run}", "logger.mode=offline",
+                "data.max_bytes=3000000", f"data.out_dir={tmp_path.parent}/stdlib-3mb-v1024-default")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer.json", "loss.png"):
+        assert (run / name).is_file(), name
+    ckpts = list((run / "checkpoints").glob("step_*/meta.json"))
+    assert [json.loads(p.read_text())["step"] for p in ckpts] == [30]
+    rows = [r for r in read_metrics(run) if "event" not in r and "loss" in r]
+    assert len(rows) == 30
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_sec"):
+        assert all(key in row for row in rows), key
+    assert any("val_loss" in row and "val_ppl" in row for row in rows)
+    assert "api_key" not in (run / "config.yaml").read_text().lower()
+    assert "Ray dashboard: http://127.0.0.1" in r.stdout
+
+
+def test_tiny_model_learns(tmp_path):
+    run = tmp_path / "learn"
+    r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=200", "trainer.eval_every=100", "trainer.progress=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    steps, val = latest_per_step(read_metrics(run), "val_loss")
+    assert steps[0] == 0 and steps[-1] == 200
+    assert val[-1] < 0.8 * val[0], val
+    # The sample printed at the end comes from the trained checkpoint.
+    assert (run / "sample.txt").read_text().startswith("def ")
+
+    g1 = sheepop("generate", f"run.dir={run}", "prompt=def ", "max_new_tokens=20", "greedy=true")
+    g2 = sheepop("generate", f"run.dir={run}", "prompt=def ", "max_new_tokens=20", "greedy=true", "no_cache=true")
+    assert g1.returncode == 0, g1.stderr
+    assert g1.stdout.startswith("def ") and len(g1.stdout) > 8
+    assert g1.stdout == g2.stdout  # KV cache or not, greedy picks the same tokens
+
+
+def _interrupt_at(run: Path, args: list[str], step: int) -> subprocess.CompletedProcess:
+    """Start a run, press Ctrl-C once it has logged `step`, wait for it to exit."""
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", *args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        rows = [r for r in read_metrics(run) if "loss" in r]
+        if rows and rows[-1]["step"] >= step:
+            p.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    out, err = p.communicate(timeout=120)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def test_ctrl_c_saves_and_resume_reproduces_uninterrupted_run(tmp_path):
+    common = ["trainer.max_steps=60", "trainer.save_every=0", "trainer.eval_every=0", *FP32]
+    straight = tmp_path / "straight"
+    r = sheepop("train", *tiny_overrides(straight, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    run = tmp_path / "interrupted"
+    r = _interrupt_at(run, tiny_overrides(run, *common), step=8)
+    assert r.returncode == 130, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    stop = [e for e in read_metrics(run) if e.get("event") == "stop"]
+    assert len(stop) == 1 and 8 <= stop[0]["step"] < 60
+    ckpt = run / "checkpoints" / f"step_{stop[0]['step']:06d}"
+    assert json.loads((ckpt / "meta.json").read_text())["step"] == stop[0]["step"]
+
+    r = sheepop("train", *tiny_overrides(run, *common))  # trainer.resume=auto
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert any(e.get("event") == "resume" for e in read_metrics(run))
+    s_steps, s_loss = latest_per_step(read_metrics(straight), "loss")
+    i_steps, i_loss = latest_per_step(read_metrics(run), "loss")
+    assert s_steps == i_steps == list(range(1, 61))
+    diff = max(abs(a - b) for a, b in zip(s_loss, i_loss))
+    assert diff < 1e-4, diff
+
+
+def test_resume_never_refuses_to_touch_existing_checkpoints(tmp_path):
+    run = tmp_path / "r"
+    assert sheepop("train", *tiny_overrides(run, "trainer.max_steps=3", *FP32)).returncode == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", "trainer.resume=never"))
+    assert r.returncode == 2 and "already has checkpoints" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
