@@ -1,0 +1,331 @@
+"""`sheepop plan [overrides]`: what a run costs before it starts (nothing is allocated).
+
+Parameters and FLOPs come from the model's shape; memory per GPU from a model of what
+sheepop's training actually holds on each rank:
+
+  sheepop trains fp32 weights under bf16 autocast, with torch AdamW (two fp32 states) as
+  DeepSpeed's client optimizer. Measured from DeepSpeed 0.19 engines (tests/test_plan.py):
+    weights       4 B/param            ÷N at ZeRO-3
+    gradients     4 B/param            ÷N at ZeRO ≥ 1 (DeepSpeed reduces straight into the
+                                       rank's fp32 gradient partition, even at stage 1)
+    optimizer     8 B/param (Adam m, v) at stage 0; at stages 1-3 DeepSpeed also keeps its own
+                  fp32 copy of the rank's partition: (8 + 4) B/param ÷N
+    buffers       gradient-reduce buckets (reduce_bucket_size fp32 elements, two with
+                  overlap_comm at stages 1-2); at ZeRO-3 the gathered weights of ~2 blocks
+    activations   tensors saved for backward under bf16 autocast (no activation
+                  checkpointing; flash attention, so nothing grows with seq²), the bf16 weight
+                  copies autocast saves (2 B/param, not sharded even at ZeRO-3) and the logits'
+                  forward/backward transient
+  Offload moves the optimizer state and fp32 gradient partition (offload_optimizer) and the
+  weights (offload_params, ZeRO-3) to CPU memory.
+
+Time: FLOPs per token (PaLM-style: 6 × matmul params + attention) × tokens ÷ (GPUs × peak
+bf16 dense FLOP/s × MFU).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from sheepop.errors import UserError
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class GPU:
+    memory_gib: float  # what nvidia-smi reports as total
+    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak, vendor datasheet
+
+
+GPUS: dict[str, GPU] = {
+    "h100-80gb": GPU(79.6, 989.0),  # SXM
+    "h100-pcie": GPU(79.6, 756.0),
+    "h200": GPU(140.4, 989.0),
+    "a100-80gb": GPU(80.0, 312.0),
+    "a100-40gb": GPU(40.0, 312.0),
+    "l40s": GPU(45.0, 362.0),
+    "l4": GPU(22.5, 121.0),
+    "a10g": GPU(22.5, 70.0),
+}
+
+DEFAULT_MFU = 0.4
+RESERVED_GIB = 1.5  # CUDA context, allocator and NCCL workspaces
+USABLE_FRACTION = 0.92  # the caching allocator's fragmentation
+
+
+def gpu_spec(name: str) -> GPU:
+    if name not in GPUS:
+        raise UserError(f"cluster.gpu={name}: unknown GPU type; valid: {', '.join(GPUS)}")
+    return GPUS[name]
+
+
+def usable_bytes(gpu: GPU) -> float:
+    return (gpu.memory_gib * USABLE_FRACTION - RESERVED_GIB) * GIB
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory model
+
+
+def activation_bytes(args, micro: int, seq: int, amp: bool) -> dict[str, float]:
+    """Bytes of one micro-batch's activations: `saved` (kept for backward, counted from what
+    autograd saves in sheepop's Transformer: see tests/test_plan.py) and `transient` (the
+    logits' bf16 output and fp32 gradient at the peak of backward)."""
+    d, f, V, L = args.d_model, args.d_ff, args.vocab_size, args.n_layers
+    kv = args.n_kv_heads * args.head_dim
+    b = 2 if amp else 4
+    # Two RMSNorms save their fp32 input and normalised output (16d). Under autocast every
+    # linear casts its input to bf16 separately (q/k/v: 3, w1/w3: 2); in fp32 they share one.
+    casts = 10 * d if amp else 8 * d
+    attn = b * d + b * kv + b * kv + b * d + b * d + 4 * args.n_heads  # rope'd q, k; v; SDPA out + lse; wo input
+    mlp = 4 * b * f  # w1 out, w3 out, silu out, their product
+    per_token_layer = 16 * d + casts + attn + mlp
+    head = 8 * d + b * d + 4 * V + 8  # final norm, head input, fp32 log-softmax, token ids
+    tokens = micro * seq
+    saved = tokens * (L * per_token_layer + head)
+    return {"saved": saved, "transient": tokens * V * (b + 4)}
+
+
+def memory(args, *, stage: int, world: int, micro: int, seq: int, amp: bool, offload_optimizer: bool = False,
+           offload_params: bool = False, reduce_bucket_size: int = 50_000_000, overlap_comm: bool = True) -> dict:
+    """Bytes per rank on the GPU (params, grads, optimizer, buffers, activations, total) and
+    in CPU memory (cpu) for one ZeRO configuration."""
+    from sheepop.model import num_params
+
+    n = num_params(args)
+    shard = world if world > 1 else 1
+    params = 4 * n / (shard if stage == 3 else 1)
+    grads = 4 * n / (shard if stage >= 1 else 1)
+    optim = 8 * n if stage == 0 else 12 * n / shard
+    buffers = 0.0
+    if stage in (1, 2):
+        buffers = reduce_bucket_size * 4 * (2 if overlap_comm else 1)
+    elif stage == 3:
+        d, hd = args.d_model, args.head_dim
+        block = 2 * d * hd * (args.n_heads + args.n_kv_heads) + 3 * d * args.d_ff + 2 * d  # one layer
+        buffers = reduce_bucket_size * 4 + 2 * 4 * max(block, args.vocab_size * args.d_model)
+    buffers = min(buffers, 4 * n * 2)  # buckets never exceed what they carry
+    act = activation_bytes(args, micro, seq, amp)
+    weight_copies = 2 * n if amp else 0  # autocast's bf16 casts, saved for backward
+    cpu = 0.0
+    if offload_optimizer:
+        cpu += optim + grads + 4 * n / shard  # + DeepSpeed's staging copy of the partition
+        optim, grads = 0.0, 0.0
+    if offload_params:
+        cpu += params
+        params = 0.0
+    activations = act["saved"] + act["transient"] + weight_copies
+    total = params + grads + optim + buffers + activations
+    return {"params": params, "grads": grads, "optimizer": optim, "buffers": buffers, "activations": activations,
+            "total": total, "cpu": cpu}
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan of one config
+
+
+def _plain(cfg) -> dict:
+    if isinstance(cfg, dict):
+        return cfg
+    from sheepop.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _amp(cfg: dict) -> bool:
+    return cfg["trainer"]["precision"] in ("auto", "bf16")  # every GPU in GPUS has bf16
+
+
+def _mem_for(cfg: dict, *, stage: int | None = None, world: int | None = None, micro: int | None = None,
+             offload_optimizer: bool | None = None, offload_params: bool | None = None) -> dict:
+    from sheepop.config import batch_plan
+    from sheepop.model import ModelArgs
+
+    p = cfg["parallelism"]
+    world = world or cfg["cluster"]["num_workers"]
+    seq = batch_plan(cfg, world)["seq_len"]
+    return memory(ModelArgs.from_config(cfg["model"]),
+                  stage=p["zero_stage"] if stage is None else stage, world=world,
+                  micro=micro or cfg["trainer"]["micro_batch_size"], seq=seq, amp=_amp(cfg),
+                  offload_optimizer=p["offload_optimizer"] if offload_optimizer is None else offload_optimizer,
+                  offload_params=p["offload_params"] if offload_params is None else offload_params,
+                  reduce_bucket_size=p["reduce_bucket_size"], overlap_comm=p["overlap_comm"])
+
+
+def _settings(cfg: dict) -> str:
+    p = cfg["parallelism"]
+    s = f"ZeRO-{p['zero_stage']}"
+    s += " + optimizer offload" if p["offload_optimizer"] else ""
+    s += " + param offload" if p["offload_params"] else ""
+    return f"{s}, micro batch {cfg['trainer']['micro_batch_size']}, {cfg['cluster']['num_workers']} × {cfg['cluster']['gpu']}"
+
+
+def alternatives(cfg: dict) -> list[str]:
+    """Overrides that would make the run fit, cheapest first (each one a complete suggestion)."""
+    gpu = gpu_spec(cfg["cluster"]["gpu"])
+    limit = usable_bytes(gpu)
+    p, t = cfg["parallelism"], cfg["trainer"]
+    world, micro = cfg["cluster"]["num_workers"], t["micro_batch_size"]
+    out: list[str] = []
+
+    def fits(**kw) -> bool:
+        return _mem_for(cfg, **kw)["total"] <= limit
+
+    # Same GPUs and batch, more sharding / offload.
+    ladder = [(s, False, False) for s in (1, 2, 3)] + [(2, True, False), (3, True, False), (3, True, True)]
+    for stage, off_o, off_p in ladder:
+        if (stage, off_o, off_p) <= (p["zero_stage"], p["offload_optimizer"], p["offload_params"]):
+            continue
+        if fits(stage=stage, offload_optimizer=off_o, offload_params=off_p):
+            out.append(f"parallelism.zero_stage={stage}" + (" parallelism.offload_optimizer=true" if off_o else "")
+                       + (" parallelism.offload_params=true" if off_p else ""))
+            break
+    # Smaller micro batch at the chosen and at the strongest in-GPU stage (accumulation keeps the batch).
+    for stage in sorted({p["zero_stage"], 3}):
+        m = micro // 2
+        while m >= 1 and not fits(stage=stage, micro=m):
+            m //= 2
+        if m >= 1 and m < micro:
+            keep = (f" trainer.grad_accum_steps={t['grad_accum_steps'] * micro // m}"
+                    if not t["global_batch_size"] else "")
+            out.append((f"parallelism.zero_stage={stage} " if stage != p["zero_stage"] else "")
+                       + f"trainer.micro_batch_size={m}{keep}")
+            break
+    # More GPUs (ZeRO-3 shards everything but activations).
+    for stage in sorted({max(p["zero_stage"], 1), 3}):
+        w = world * 2
+        while w <= 4096 and not fits(stage=stage, world=w):
+            w *= 2
+        if w <= 4096:
+            out.append(f"cluster.num_workers={w}" + (f" parallelism.zero_stage={stage}" if stage != p["zero_stage"] else ""))
+            break
+    return out
+
+
+def check_fits(cfg) -> tuple[bool, str]:
+    """(ok, one-paragraph message): does the run fit in cluster.gpu's memory per rank?
+
+    `cfg` is the composed config (DictConfig or the plain dict). Raises UserError for an
+    unknown cluster.gpu. Used by `sheepop plan` and `sheepop submit` (which refuses unless forced).
+    """
+    cfg = _plain(cfg)
+    gpu = gpu_spec(cfg["cluster"]["gpu"])
+    mem = _mem_for(cfg)
+    limit = usable_bytes(gpu)
+    need = f"{mem['total'] / GIB:.1f} GiB per GPU"
+    have = f"{limit / GIB:.1f} GiB usable on one {cfg['cluster']['gpu']} ({gpu.memory_gib:g} GiB)"
+    if mem["total"] <= limit:
+        return True, f"fits: {need} of {have} ({_settings(cfg)})"
+    alts = alternatives(cfg)
+    msg = f"does not fit: {need} > {have} ({_settings(cfg)})"
+    msg += "; would fit: " + " | ".join(alts) if alts else "; nothing tried fits (a smaller model or shorter sequences)"
+    return False, msg
+
+
+def summary(cfg, mfu: float = DEFAULT_MFU) -> dict:
+    """Everything `sheepop plan` prints, as numbers."""
+    from sheepop.config import batch_plan
+    from sheepop.model import ModelArgs, flops_per_token, num_params
+
+    cfg = _plain(cfg)
+    gpu = gpu_spec(cfg["cluster"]["gpu"])
+    args = ModelArgs.from_config(cfg["model"])
+    world = cfg["cluster"]["num_workers"]
+    bp = batch_plan(cfg, world)
+    total = num_params(args)
+    embedding = args.vocab_size * args.d_model
+    fpt = flops_per_token(args, bp["seq_len"])
+    tokens = bp["tokens_per_step"] * cfg["trainer"]["max_steps"]
+    seconds = fpt * tokens / (world * gpu.bf16_tflops * 1e12 * mfu)
+    stages = {}
+    for stage in (0, 1, 2, 3):
+        stages[f"zero{stage}"] = _mem_for(cfg, stage=stage, offload_optimizer=False, offload_params=False)
+        if stage >= 1:
+            stages[f"zero{stage}+offload"] = _mem_for(cfg, stage=stage, offload_optimizer=True,
+                                                      offload_params=stage == 3)
+    ok, message = check_fits(cfg)
+    return {"params": total, "embedding_params": embedding, "non_embedding_params": total - embedding,
+            "flops_per_token": fpt, "batch": bp, "steps": cfg["trainer"]["max_steps"], "tokens": tokens,
+            "gpu": cfg["cluster"]["gpu"], "world": world, "usable_gib": usable_bytes(gpu) / GIB,
+            "mfu": mfu, "seconds": seconds, "gpu_hours": seconds * world / 3600, "memory": stages,
+            "chosen": _mem_for(cfg), "fits": ok, "message": message}
+
+
+def _human(n: float) -> str:
+    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= k:
+            return f"{n / k:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def render(s: dict, cfg: dict) -> str:
+    bp = s["batch"]
+    p = cfg["parallelism"]
+    chosen = f"zero{p['zero_stage']}" + ("+offload" if p["offload_optimizer"] or p["offload_params"] else "")
+    big = max(m["total"] for m in s["memory"].values()) >= GIB
+    unit, unit_name = (GIB, "GiB") if big else (1024**2, "MiB")
+    lines = [
+        f"model {cfg['model']['name']}: {s['params']:,} parameters ({_human(s['params'])}): "
+        f"embedding {s['embedding_params']:,} (token table), non-embedding {s['non_embedding_params']:,}",
+        f"FLOPs per token (train, fwd+bwd): {_human(s['flops_per_token'])}",
+        f"batch: {bp['global_batch_size']} sequences × {bp['seq_len']} tokens = {bp['tokens_per_step']:,} tokens per "
+        f"optimizer step (micro {bp['micro_batch_size']} × accum {bp['grad_accum_steps']} × {s['world']} GPUs)",
+        f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({_human(s['tokens'])})",
+        "",
+        f"memory per GPU, {unit_name} ({s['world']} × {s['gpu']}, {s['usable_gib']:.1f} GiB usable; "
+        f"{'bf16 autocast' if _amp(cfg) else 'fp32'}, AdamW):",
+        f"  {'ZeRO':<16}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>9}{'activ.':>8}{'total':>8}"
+        f"{'CPU/rank':>10}  fits",
+    ]
+    for name, m in s["memory"].items():
+        mark = " <- chosen" if name == chosen else ""
+        fit = "yes" if m["total"] <= s["usable_gib"] * GIB else "NO"
+        lines.append(f"  {name:<16}" + "".join(f"{m[k] / unit:>{w}.1f}" for k, w in (
+            ("params", 8), ("grads", 8), ("optimizer", 8), ("buffers", 9), ("activations", 8), ("total", 8),
+            ("cpu", 10))) + f"  {fit}{mark}")
+    lines += [
+        "  (offload rows: ZeRO-1/2 offload the optimizer; ZeRO-3 offloads optimizer and parameters)",
+        "",
+        f"time at {s['mfu']:.0%} MFU ({_human(GPUS[s['gpu']].bf16_tflops * 1e12)}FLOP/s bf16 peak per GPU): "
+        f"{_duration(s['seconds'])} wall, {s['gpu_hours']:,.1f} GPU-hours",
+        "",
+        s["message"],
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print("usage: sheepop plan [hydra overrides] [mfu=0.4]\n"
+              "  e.g. sheepop plan model=llama-7b cluster.gpu=a100-80gb cluster.num_workers=8 parallelism=zero3\n"
+              f"  GPU types (cluster.gpu): {', '.join(GPUS)}")
+        return 0
+    mfu = DEFAULT_MFU
+    overrides = []
+    for a in argv:
+        if a.startswith("mfu="):
+            try:
+                mfu = float(a[4:])
+            except ValueError:
+                raise UserError(f"{a}: expected a number in (0, 1]") from None
+            if not 0 < mfu <= 1 or math.isnan(mfu):
+                raise UserError(f"{a}: MFU must be in (0, 1]")
+        else:
+            overrides.append(a)
+    from sheepop.config import compose, to_dict
+
+    cfg = to_dict(compose(overrides))
+    gpu_spec(cfg["cluster"]["gpu"])
+    print(render(summary(cfg, mfu), cfg))
+    return 0
