@@ -332,7 +332,7 @@ def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
 
 
-SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password)", re.I)
+SECRET_PATTERN = re.compile(r"(api[_-]?key|(^|[_-])token$|secret|password)", re.I)  # not tokenizer, shard_tokens
 
 
 def redact(obj: Any) -> Any:

@@ -58,7 +58,8 @@ def fit(cfg: dict, resume: Path | None, console: Console) -> dict:
     started = start_ray(cfg, console)
     try:
         gpu = _use_gpu(cfg)
-        resources = {"CPU": c["cpus_per_worker"]}
+        cpus = c["cpus_per_worker"] or (max(1, (os.cpu_count() or 1) // c["num_workers"]) if c["kind"] == "local" else 1)
+        resources = {"CPU": cpus}
         if gpu:
             resources["GPU"] = c["gpus_per_worker"]
         ckpt_root = checkpoint.root(cfg)
@@ -72,7 +73,7 @@ def fit(cfg: dict, resume: Path | None, console: Console) -> dict:
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg["trainer"]["keep_checkpoints"] or None),
                 failure_config=FailureConfig(max_failures=c["max_failures"]),
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu",
-                                                 "OMP_NUM_THREADS": str(c["cpus_per_worker"])}},
+                                                 "OMP_NUM_THREADS": str(cpus)}},
             ),
         )
         result = trainer.fit()

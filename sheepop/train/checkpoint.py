@@ -105,9 +105,44 @@ def prune(ckpt_root: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load(engine, path: Path) -> dict:
+def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
+    """ZeRO shards are laid out for the world size that saved them; another world size (or
+    stage) must go through DeepSpeed's universal format."""
+    meta = read_meta(path)
+    saved_stage = meta.get("zero_stage", 0)
+    if saved_stage == 0 and zero_stage == 0:
+        return False  # stage 0 keeps full state in one file: any world size loads it
+    return meta.get("world_size", 1) != world_size or saved_stage != zero_stage
+
+
+def to_universal(path: Path, *, rank: int) -> Path:
+    """Convert checkpoint `path` to DeepSpeed's universal format (once; rank 0 converts, all wait).
+
+    The result goes beside the checkpoints (<root>/universal/step_N/ds), never into the checkpoint
+    itself. Returns the folder to pass to engine.load_checkpoint(..., tag=DS_TAG)."""
+    out = Path(path).parent.parent / "universal" / Path(path).name
+    if rank == 0 and not (out / DS_TAG / "zero").is_dir():
+        import subprocess
+        import sys
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                            "--input_folder", str(Path(path) / DS_TAG), "--output_folder", str(tmp / DS_TAG),
+                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{r.stderr[-2000:]}")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    torch.distributed.barrier()
+    return out
+
+
+def load(engine, path: Path, universal: Path | None = None) -> dict:
     """Restore engine state (weights, optimizer, scheduler) and return meta.json."""
-    load_path, _ = engine.load_checkpoint(str(path), tag=DS_TAG, load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(universal or path), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")

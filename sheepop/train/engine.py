@@ -132,10 +132,15 @@ def lr_lambda(cfg: dict):
     return f
 
 
-def build(model: torch.nn.Module, cfg: dict, world_size: int):
-    """Wrap the model: returns the DeepSpeed engine (its .optimizer and .lr_scheduler set)."""
+def build(model: torch.nn.Module, cfg: dict, world_size: int, load_universal: bool = False):
+    """Wrap the model: returns the DeepSpeed engine (its .optimizer and .lr_scheduler set).
+
+    load_universal: the checkpoint to load next is in DeepSpeed's universal format (a resume
+    on another world size or ZeRO stage)."""
     t = cfg["trainer"]
     ds_cfg = deepspeed_config(cfg, world_size)
+    if load_universal:
+        ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     groups = param_groups(model, t["weight_decay"])
     optimizer = None
     if "optimizer" not in ds_cfg:

@@ -71,10 +71,13 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
     args = ModelArgs.from_config(cfg["model"])
     model = Transformer(args)
     resume_dir = resume_dir or checkpoint.resolve_resume(cfg)
-    engine = eng.build(model, cfg, world)
+    universal = None
+    if resume_dir is not None and checkpoint.needs_universal(resume_dir, world, cfg["parallelism"]["zero_stage"]):
+        universal = checkpoint.to_universal(resume_dir, rank=rank)
+    engine = eng.build(model, cfg, world, load_universal=universal is not None)
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0}
     if resume_dir is not None:
-        state.update(checkpoint.load(engine, resume_dir))
+        state.update(checkpoint.load(engine, resume_dir, universal))
         state["attempt"] = state.get("attempt", 0) + 1
 
     train_data = TokenWindows(data_dir, manifest, "train", seq)
@@ -108,7 +111,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=plan["global_batch_size"], grad_accum=accum, micro_batch=micro,
                tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt, precision=str(amp or "fp32"),
-               checkpoint=str(resume_dir) if resume_dir else None)
+               checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None)
     if start_step == 0:
         sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
     engine.train()
@@ -136,7 +139,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
-                                device=device))
+                                device=device, precision=amp))
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
         if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:
