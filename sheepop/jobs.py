@@ -442,6 +442,10 @@ def _follow(client, job_id: str, address: str) -> int:
         asyncio.run(tail())
     except RuntimeError as e:  # the socket closed before the job ended (head restarted, network)
         print(f"sheepop: log stream of {job_id} ended early: {_first_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:  # only the stream stops: the job lives on the cluster
+        print(f"\nstopped following; {job_id} keeps running (`sheepop stop {job_id} --address {address}` ends it)",
+              file=sys.stderr)
+        return 130
     info = job_info(client, job_id, address)
     deadline = time.monotonic() + 10  # the stream can close a moment before the state is final
     while info.status.value not in TERMINAL and time.monotonic() < deadline:
