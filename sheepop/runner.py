@@ -8,8 +8,10 @@ Everything that can fail from the config alone fails here, before any worker sta
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -19,6 +21,7 @@ from rich.console import Console
 
 from sheepop.config import batch_plan, redact
 from sheepop.errors import UserError
+from sheepop.train.metrics import read_metrics
 
 console = Console()
 
@@ -100,22 +103,43 @@ def run(cfg: dict) -> dict:
         if cfg["cluster"]["kind"] == "process":
             from sheepop.train.loop import train
 
-            result = train(cfg)
+            result = train(cfg)  # installs its own Ctrl-C handler
         else:
             from sheepop.ray_runner import fit
 
-            result = fit(cfg, resume, console)
-    except KeyboardInterrupt:
-        (run_dir / "STOP").touch()  # Ray workers poll for it; a second Ctrl-C lands here
-        raise
+            with stop_file_on_ctrl_c(run_dir):
+                result = fit(cfg, resume, console)
     finally:
         if view:
             view.__exit__(None, None, None)
+    (run_dir / "STOP").unlink(missing_ok=True)
+    ends = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
+    result = {**result, "stopped": bool(ends and ends[-1].get("stopped"))}
     plot_loss(run_dir)
     sample = write_sample(cfg, run_dir)
     console.print(f"[bold]sample[/] ({cfg['trainer']['sample_prompt']!r} →):\n{sample}")
     console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, checkpoints/, loss.png}}")
     return result
+
+
+@contextlib.contextmanager
+def stop_file_on_ctrl_c(run_dir: Path):
+    """In the driver of a Ray run, the first Ctrl-C writes run.dir/STOP: every worker sees it at
+    its next step, saves a checkpoint and returns. A second Ctrl-C aborts."""
+    pressed = []
+
+    def handler(*_):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(1)
+        (run_dir / "STOP").touch()
+        console.print("[yellow]stopping: workers save a checkpoint at the end of this step (Ctrl-C again to abort)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def write_sample(cfg: dict, run_dir: Path) -> str:

@@ -142,10 +142,15 @@ def to_universal(path: Path, *, rank: int) -> Path:
 
 def load(engine, path: Path, universal: Path | None = None) -> dict:
     """Restore engine state (weights, optimizer, scheduler) and return meta.json."""
+    # DeepSpeed 0.19's ZeRO-3 universal load copies param group 0's hyperparameters onto every
+    # group, which would start decaying the norm weights; keep each group's own weight decay.
+    decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]
     load_path, _ = engine.load_checkpoint(str(universal or path), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+    for group, wd in zip(engine.optimizer.param_groups, decay):
+        group["weight_decay"] = wd
     return read_meta(path)
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -108,6 +110,9 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
         sink.event("checkpoint", step=state["step"])
 
     start_step = state["step"]
+    # Which process is which rank (for `kill`, debuggers and the fault-tolerance test).
+    _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=start_step, world_size=world,
+                 attempt=state["attempt"])
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=plan["global_batch_size"], grad_accum=accum, micro_batch=micro,
                tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt, precision=str(amp or "fp32"),
@@ -156,13 +161,18 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
             break
 
     probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
-    (run_dir / f"rank{rank}.json").write_text(json.dumps({"step": state["step"], "probe_loss": probe,
-                                                          "world_size": world}))
+    _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=state["step"], world_size=world,
+                 attempt=state["attempt"], probe_loss=probe)
     sink.event("end", step=state["step"], stopped=stopped)
     sink.close()
     stop.restore()
     eng.shutdown()
     return {**last, "stopped": stopped, "probe_loss": probe}
+
+
+def _rank_status(run_dir: Path, rank: int, **fields) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"rank{rank}.json").write_text(json.dumps(fields))
 
 
 def _grad_norm(engine) -> float | None:

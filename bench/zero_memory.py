@@ -1,0 +1,79 @@
+"""Bytes per rank held by parameters, gradients and optimizer state under ZeRO stages 0-3,
+measured from the DeepSpeed engines' tensors on 2 worker processes (gloo), as ratios to stage 0.
+
+  python bench/zero_memory.py [model=tiny] [workers=2]
+
+Each stage builds sheepop's own engine (sheepop.train.engine.build) and takes one training
+step; a figure is the larger of "after backward" (gradients alive) and "after step" (AdamW state).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import torch
+import torch.multiprocessing as mp
+
+from sheepop.commands import parse_kv
+
+STAGES = (0, 1, 2, 3)
+
+
+def _cfg(model: str, stage: int, world: int) -> dict:
+    from sheepop.config import compose, to_dict
+
+    return to_dict(compose([f"model={model}", f"parallelism.zero_stage={stage}", "cluster=local",
+                            f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2"]))
+
+
+def _worker(rank: int, world: int, port: int, model: str, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PYTHONWARNINGS="ignore::FutureWarning")
+    torch.set_num_threads(1)
+    from sheepop.model import ModelArgs, Transformer
+    from sheepop.train import engine as eng
+    from sheepop.train.memory import engine_bytes
+
+    eng.init_distributed()
+    try:
+        for stage in STAGES:
+            cfg = _cfg(model, stage, world)
+            torch.manual_seed(0)
+            e = eng.build(Transformer(ModelArgs.from_config(cfg["model"])), cfg, world)
+            x = torch.randint(0, cfg["model"]["vocab_size"], (2, 32))
+            e.backward(e(x, x))
+            after_backward = engine_bytes(e)
+            e.step()
+            after_step = engine_bytes(e)
+            queue.put((stage, rank, {k: max(after_backward[k], after_step[k]) for k in after_step}))
+            del e
+    finally:
+        eng.shutdown()
+
+
+def main(argv: list[str]) -> None:
+    o = parse_kv(argv, {"model": str, "workers": int}, "zero_memory")
+    model, world = o.get("model", "tiny"), o.get("workers", 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    mp.spawn(_worker, args=(world, port, model, queue), nprocs=world, join=True)
+    got: dict[int, dict] = {}
+    for _ in range(len(STAGES) * world):
+        stage, rank, b = queue.get(timeout=30)
+        got.setdefault(stage, {})[rank] = b
+    print(f"model={model}, {world} workers: bytes per rank (max over ranks), ratio to stage 0")
+    print(f"{'stage':<7}" + "".join(f"{k:>14}{'×':>7}" for k in ("params", "grads", "optimizer")) + f"{'total':>14}{'×':>7}")
+    base = {k: max(r[k] for r in got[0].values()) for k in ("params", "grads", "optimizer")}
+    base_total = sum(base.values())
+    for stage in STAGES:
+        row = {k: max(r[k] for r in got[stage].values()) for k in base}
+        total = sum(row.values())
+        print(f"{stage:<7}" + "".join(f"{row[k]:>14,}{row[k] / base[k]:>7.2f}" for k in base)
+              + f"{total:>14,}{total / base_total:>7.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

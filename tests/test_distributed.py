@@ -1,0 +1,145 @@
+"""Real Ray Train workers running real DeepSpeed ZeRO on gloo: stages 0-3, a killed worker,
+resuming on a different number of workers, and the checks that fail before any worker starts.
+
+All runs share one Ray head on 127.0.0.1 (the session's `ray_head` fixture) and use fp32 so
+that runs which should be identical can be compared to 1e-4.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sheepop.train.checkpoint import consolidated_state_dict
+from sheepop.train.metrics import latest_per_step, read_metrics
+from tests.conftest import DATA_DIR, ROOT, sheepop
+
+pytestmark = pytest.mark.slow
+STEPS = 12
+
+
+def dist_args(run: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "trainer=quick", "logger=none", f"run.dir={run}", "data.max_bytes=3000000",
+            f"data.out_dir={DATA_DIR}/stdlib-3mb-v1024", "trainer.precision=fp32", "trainer.progress=false",
+            "trainer.micro_batch_size=4", "trainer.global_batch_size=8", "trainer.eval_every=0",
+            f"trainer.max_steps={STEPS}", "trainer.save_every=6", *extra]
+
+
+def on_ray(head, run: Path, *extra: str) -> list[str]:
+    return dist_args(run, "cluster=ray", f"cluster.address={head.gcs_address}", "cluster.num_workers=2", *extra)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return dict(zip(*latest_per_step(read_metrics(run), "loss")))
+
+
+@pytest.fixture(scope="module")
+def stage_runs(ray_head, tmp_path_factory):
+    """One 2-worker run per ZeRO stage, same seed and data."""
+    runs = {}
+    for stage, preset in enumerate(("ddp", "zero1", "zero2", "zero3")):
+        run = tmp_path_factory.mktemp("stages") / preset
+        r = sheepop("train", *on_ray(ray_head, run, f"parallelism={preset}"), timeout=400)
+        assert r.returncode == 0, f"{preset}: {r.stderr[-3000:]}"
+        runs[stage] = run
+    return runs
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stage_trains_on_two_workers_and_ranks_agree(stage_runs, stage):
+    run = stage_runs[stage]
+    loss = losses(run)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert sum(list(loss.values())[-3:]) / 3 < sum(list(loss.values())[:3]) / 3 - 0.3  # it learns
+    ranks = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert abs(ranks[0]["probe_loss"] - ranks[1]["probe_loss"]) < 1e-6  # both ranks hold the same model
+    start = next(e for e in read_metrics(run) if e.get("event") == "start")
+    assert start["grad_accum"] == 1 and start["global_batch"] == 8
+    # ZeRO stage ≥ 1 leaves one optimizer shard per rank in the checkpoint.
+    shards = list((run / "checkpoints" / f"step_{STEPS:06d}" / "ds").glob("*optim_states.pt"))
+    assert len(shards) == (2 if stage else 0)
+
+
+def test_zero3_gathered_model_equals_stage0(stage_runs):
+    ref = losses(stage_runs[0])
+    for stage in (1, 2, 3):
+        diff = max(abs(ref[s] - losses(stage_runs[stage])[s]) for s in ref)
+        assert diff < 1e-4, (stage, diff)
+    w0 = consolidated_state_dict(stage_runs[0] / "checkpoints" / f"step_{STEPS:06d}")
+    w3 = consolidated_state_dict(stage_runs[3] / "checkpoints" / f"step_{STEPS:06d}")
+    assert set(w3) <= set(w0) and len(w3) >= len(w0) - 1  # tied head may be listed once
+    assert max((w0[k] - w3[k]).abs().max().item() for k in w3) < 1e-4
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stage):
+    """2 workers → 1 worker (accumulation 1 → 2): the run continues as if nothing changed."""
+    src = stage_runs[stage] / "checkpoints" / "step_000006"
+    run = tmp_path / "one"
+    r = sheepop("train", *dist_args(run, "cluster=process", f"parallelism={['ddp', 'zero1', 'zero2', 'zero3'][stage]}",
+                                    f"trainer.resume={src}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = next(e for e in read_metrics(run) if e.get("event") == "resume")
+    assert start["world_size"] == 1 and start["grad_accum"] == 2 and start["universal"] is True
+    two, one = losses(stage_runs[stage]), losses(run)
+    assert sorted(one) == list(range(7, STEPS + 1))
+    assert max(abs(two[s] - one[s]) for s in one) < 1e-4
+    assert not (src.parent.parent / "universal").exists() or (src / "meta.json").is_file()  # source kept
+
+
+def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):
+    run = tmp_path / "ft"
+    args = on_ray(ray_head, run, "parallelism=zero2", "cluster.max_failures=1", "trainer.max_steps=20",
+                  "trainer.save_every=5")
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", *args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    killed = None
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and killed is None:
+        done = [r for r in read_metrics(run) if "loss" in r]
+        status = run / "rank1.json"
+        if done and done[-1]["step"] >= 7 and status.is_file():
+            killed = json.loads(status.read_text())["pid"]
+            os.kill(killed, signal.SIGKILL)  # a real worker process dies mid-run
+        time.sleep(0.1)
+    out, err = p.communicate(timeout=400)
+    assert killed is not None, err[-3000:]
+    assert p.returncode == 0, err[-3000:]
+    events = read_metrics(run)
+    resumes = [e for e in events if e.get("event") == "resume"]
+    assert len(resumes) == 1 and resumes[0]["attempt"] == 1 and resumes[0]["step"] == 5
+    assert json.loads((run / "rank1.json").read_text())["pid"] != killed  # a new process took over
+    assert sorted(losses(run)) == list(range(1, 21))
+    # Steps run twice (before the kill and after the restart) give the same loss: nothing was lost.
+    first = {r["step"]: r["loss"] for r in events[: events.index(resumes[0])] if "loss" in r}
+    second = {r["step"]: r["loss"] for r in events[events.index(resumes[0]):] if "loss" in r}
+    again = set(first) & set(second)
+    assert again and max(abs(first[s] - second[s]) for s in again) < 1e-4
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["cluster=local", "cluster.num_workers=0"], "cluster.num_workers=0"),
+    (["cluster=local", "cluster.num_workers=2", "trainer.micro_batch_size=3", "trainer.global_batch_size=8"],
+     "not a multiple"),
+    (["cluster=ray", "cluster.address=127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),
+    (["cluster=local", "trainer.resume=/no/such/checkpoint"], "no such checkpoint"),
+])
+def test_bad_distributed_input_fails_before_any_worker(tmp_path, extra, message):
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "checkpoints" / "step_000003").mkdir(parents=True)
+    (run / "checkpoints" / "step_000003" / "meta.json").write_text('{"step": 3}')
+    before = sorted(str(p) for p in run.rglob("*"))
+    t0 = time.time()
+    r = sheepop("train", *dist_args(run, *extra))
+    assert r.returncode == 2, r.stderr
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert time.time() - t0 < 10  # no Ray, no DeepSpeed started
+    assert sorted(str(p) for p in run.rglob("*")) == before  # nothing written, nothing touched
