@@ -7,6 +7,7 @@ resumes from the latest reported checkpoint.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,10 @@ def start_ray(cfg: dict, console: Console) -> bool:
     c = cfg["cluster"]
     env = dict(WORKER_ENV)
     env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
+    # Inside a Ray Job the job's runtime_env already reaches every worker; Ray refuses to merge
+    # a driver env var that the job also sets (and its error would print the value).
+    job_env = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
     if c["kind"] == "local":
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ctx = ray.init(address="local", num_cpus=c["num_cpus"] or None, include_dashboard=True,
