@@ -89,8 +89,7 @@ class Executor:
         ds = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             _Apply, fn_constructor_kwargs={"factory": factory}, batch_size=batch_size, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=self.num_workers), num_cpus=1,
-            # No actor restarts: a lost worker fails the stage, and the rerun resumes (pipeline.py).
-            max_restarts=0, runtime_env={"env_vars": WORKER_ENV})
+            runtime_env={"env_vars": WORKER_ENV})
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for k, out in zip(batch["k"], batch["out"]):
                 yield int(k), pickle.loads(out)
