@@ -102,8 +102,8 @@ class TrainerConfig:
     name: str = MISSING
     max_steps: int = 200  # optimizer steps
     micro_batch_size: int = 8  # sequences per rank per forward pass
-    global_batch_size: int = 0  # sequences per optimizer step; 0 = micro × accum × workers
-    grad_accum_steps: int = 1  # used when global_batch_size = 0
+    global_batch_size: int = 16  # sequences per optimizer step, kept when the worker count changes
+    grad_accum_steps: int = 0  # 0 = global / (micro × workers); set it (and global_batch_size=0) to pin it
     seq_len: int = 0  # window length; 0 = model.max_seq_len
     lr: float = 1e-3  # peak learning rate
     min_lr: float = 1e-4  # cosine floor
@@ -259,7 +259,8 @@ def validate(cfg: DictConfig) -> None:
     need((m.d_model // m.n_heads) % 2 == 0, f"head dim {m.d_model // m.n_heads} must be even for RoPE")
     need(t.max_steps > 0, f"trainer.max_steps={t.max_steps} must be > 0")
     need(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be > 0")
-    need(t.grad_accum_steps > 0, f"trainer.grad_accum_steps={t.grad_accum_steps} must be > 0")
+    need(t.grad_accum_steps >= 0 and t.global_batch_size >= 0,
+         "trainer.grad_accum_steps and trainer.global_batch_size must be >= 0 (0 = derive one from the other)")
     need(0 <= t.seq_len <= m.max_seq_len, f"trainer.seq_len={t.seq_len} must be in [0, model.max_seq_len={m.max_seq_len}]")
     need(t.precision in ("auto", "bf16", "fp32"), f"trainer.precision={t.precision}; valid: auto, bf16, fp32")
     need(t.warmup_steps >= 0 and t.lr > 0 and 0 <= t.min_lr <= t.lr,
@@ -299,7 +300,8 @@ def validate(cfg: DictConfig) -> None:
     if t.global_batch_size:
         need(t.global_batch_size % (t.micro_batch_size * c.num_workers) == 0,
              f"trainer.global_batch_size={t.global_batch_size} is not a multiple of trainer.micro_batch_size="
-             f"{t.micro_batch_size} × cluster.num_workers={c.num_workers}")
+             f"{t.micro_batch_size} × cluster.num_workers={c.num_workers}; valid: a multiple of "
+             f"{t.micro_batch_size * c.num_workers}")
     r = t.resume
     need(r in ("auto", "never") or Path(r).exists(),
          f"trainer.resume={r}: no such checkpoint; valid: auto, never, or an existing checkpoint path")
@@ -316,11 +318,14 @@ def batch_plan(cfg: dict, world_size: int) -> dict:
     if t["global_batch_size"]:
         glob = t["global_batch_size"]
         if glob % (micro * world_size):
-            raise UserError(f"trainer.global_batch_size={glob} is not a multiple of micro_batch_size={micro} "
-                            f"× workers={world_size}")
+            raise UserError(f"trainer.global_batch_size={glob} is not a multiple of trainer.micro_batch_size={micro} "
+                            f"× {world_size} worker(s); valid: a multiple of {micro * world_size}")
         accum = glob // (micro * world_size)
+        if t["grad_accum_steps"] and t["grad_accum_steps"] != accum:
+            raise UserError(f"trainer.grad_accum_steps={t['grad_accum_steps']} contradicts global_batch_size={glob} "
+                            f"(= micro {micro} × {world_size} worker(s) × {accum}); set one of them to 0")
     else:
-        accum = t["grad_accum_steps"]
+        accum = t["grad_accum_steps"] or 1  # accumulation pinned: the global batch grows with workers
         glob = micro * accum * world_size
     seq = t["seq_len"] or cfg["model"]["max_seq_len"]
     return {"micro_batch_size": micro, "grad_accum_steps": accum, "global_batch_size": glob,
