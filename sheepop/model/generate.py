@@ -10,7 +10,37 @@ import warnings
 
 import torch
 
+from sheepop.errors import UserError
 from sheepop.model.transformer import KVCache, Transformer
+
+
+def encode_prompt(tok, prompt: str, vocab_size: int) -> list[int]:
+    """Token ids of a prompt, or a UserError naming the characters the tokenizer cannot encode.
+
+    sheepop's byte-level BPE encodes any string; a tokenizer brought with tokenizer.path may
+    not (no byte fallback): it drops characters or maps them to its unknown token. Either way
+    the model would silently see a different prompt, so refuse instead.
+    """
+    unk = getattr(getattr(tok, "model", None), "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+
+    def lost(text: str) -> bool:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        return tok.decode(ids, skip_special_tokens=False) != text or (unk_id is not None and unk_id in ids)
+
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    # Check character by character only when the whole prompt does not round-trip. Whitespace
+    # is the pre-tokenizer's business (word-level tokenizers split on it and decode with spaces).
+    bad = sorted({c for c in prompt if not c.isspace() and lost(c)}) if lost(prompt) else []
+    if bad:
+        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:8])
+        raise UserError(f"prompt has characters outside the tokenizer's vocabulary: {shown}")
+    outside = [t for t in ids if t >= vocab_size]
+    if outside:
+        raise UserError(f"prompt encodes to ids {outside[:5]} outside the model's vocabulary of {vocab_size}")
+    if not ids:
+        raise UserError("prompt is empty; give at least one character (e.g. prompt='def ')")
+    return ids
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -49,7 +79,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     if budget < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room in the context of {ctx}")
     if any(len(p) > budget for p in prompts):
-        warnings.warn(f"prompt longer than {budget} tokens (context {ctx} - {max_new_tokens} new): keeping its last {budget}")
+        warnings.warn(f"prompt longer than {budget} tokens (context {ctx} - {max_new_tokens} new): keeping its last "
+                      f"{budget}", stacklevel=2)
         prompts = [p[-budget:] for p in prompts]
     B, L = len(prompts), max(len(p) for p in prompts)
     pads = torch.tensor([L - len(p) for p in prompts], device=device)
