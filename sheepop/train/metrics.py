@@ -1,9 +1,14 @@
 """Where metrics go: metrics.jsonl (always) and W&B (logger=wandb), both on rank 0 only.
 
 metrics.jsonl is the run's source of truth: one JSON object per logged step (`step`, `loss`,
-`lr`, `grad_norm`, `tokens`, `tokens_per_sec`, ...; eval lines add `val_loss`, `val_ppl`) and
-`event` lines (start, resume, stop, end). The live view, `sheepop watch`, the loss plot and the
-report all read it, so they work without W&B.
+`lr`, `grad_norm`, `tokens`, `tokens_per_sec`, `step_time`, `mfu`, `peak_flops`, `mem_allocated`
+(GiB, max over ranks); eval lines add `val_loss`, `val_ppl`) and `event` lines (start, resume,
+checkpoint, samples, stop, end). The live view, `sheepop watch`, the plots and the report all
+read it, so they work without W&B.
+
+W&B: one run per training job. Its id lives in every checkpoint's meta.json, so a resume (by
+hand, or Ray's restart after a worker failure) reopens the same run; steps already logged are
+not sent again, so W&B's step never goes backwards.
 """
 from __future__ import annotations
 
@@ -13,6 +18,10 @@ import time
 import uuid
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
+from sheepop import perf
 from sheepop.config import redact
 
 # metrics.jsonl key → W&B key
@@ -60,6 +69,7 @@ class MetricsSink:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
+        resuming = self.wandb_id is not None
         self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]
         self.wandb = wandb.init(
             id=self.wandb_id, resume="allow", mode=wandb_mode(lg["mode"]),
@@ -67,8 +77,16 @@ class MetricsSink:
             tags=list(lg.get("tags") or []), name=cfg["run"]["name"], dir=str(self.run_dir),
             config=redact(cfg),
         )
-        # A resumed run continues where W&B's history stops; steps never go backwards.
-        self._last_wandb_step = max(-1, int(getattr(self.wandb, "step", 0) or 0) - 1)
+        # Online, W&B tells where the resumed run's history stops; offline it cannot, so the
+        # steps already in metrics.jsonl (written next to every W&B log) stand in for it.
+        # After a worker failure the loop re-runs steps since the last checkpoint: those were
+        # logged already and are skipped, so W&B's steps never go backwards.
+        floor = int(getattr(self.wandb, "step", 0) or 0) - 1
+        if resuming:
+            floor = max([floor] + [r["step"] for r in read_metrics(self.run_dir)
+                                   if "event" not in r and isinstance(r.get("step"), int)])
+        self._last_wandb_step = max(-1, floor)
+        self._pending: dict = {}  # W&B-only data (sample tables) waiting for its step's metrics
 
     def log(self, row: dict) -> None:
         if not self.active:
@@ -78,18 +96,51 @@ class MetricsSink:
         step = row.get("step")
         if self.wandb is not None and step is not None and "event" not in row:
             data = {WANDB_KEYS[k]: v for k, v in row.items() if k in WANDB_KEYS and v is not None}
-            if step > self._last_wandb_step and data:
-                self.wandb.log(data, step=step)
-                self._last_wandb_step = step
+            self._wandb_log(data, step)
+
+    def _wandb_log(self, data: dict, step: int) -> None:
+        if self._pending and self._pending_step != step:
+            self._flush_pending()
+        if self._pending:
+            data = {**self._pending, **data}
+            self._pending = {}
+        if step > self._last_wandb_step and data:
+            self.wandb.log(data, step=step)
+            self._last_wandb_step = step
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        if pending and self._pending_step > self._last_wandb_step:
+            self.wandb.log(pending, step=self._pending_step)
+            self._last_wandb_step = self._pending_step
+
+    def samples(self, step: int, rows: list[dict]) -> None:
+        """Generated text at an eval: a `samples` event in metrics.jsonl, a table in W&B (all
+        evals so far, so the newest table shows how the samples changed)."""
+        if not self.active:
+            return
+        self.event("samples", step=step, samples=rows)
+        if self.wandb is not None:
+            import wandb
+
+            self._sample_rows = getattr(self, "_sample_rows", []) + [[step, r["prompt"], r["text"]] for r in rows]
+            # Sent with this step's metrics (logged right after the eval), not as a step of its own.
+            self._pending, self._pending_step = {"samples": wandb.Table(columns=["step", "prompt", "text"],
+                                                                         data=self._sample_rows)}, step
 
     def event(self, name: str, **fields) -> None:
         self.log({"event": name, **fields})
+        if self.active and self.wandb is not None and name in ("start", "resume"):
+            # The job's shape (world size, batch, FLOPs/token, precision) next to the config.
+            facts = {k: v for k, v in fields.items() if k not in ("step", "checkpoint") and v is not None}
+            self.wandb.config.update({"job": facts}, allow_val_change=True)
 
     def close(self) -> None:
         if not self.active:
             return
         self._file.close()
         if self.wandb is not None:
+            self._flush_pending()
             self.wandb.finish()
 
 
@@ -116,12 +167,56 @@ def latest_per_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]
     return steps, [by_step[s] for s in steps]
 
 
-def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: int, device) -> dict:
-    """Extra per-step fields (MFU, memory). Called on every rank (collectives allowed)."""
-    return {}
+def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: int, device,
+                precision=None) -> dict:
+    """MFU and memory for this step. Called on every rank (all take part in the max over ranks).
+
+    tokens_per_sec counts the whole job's tokens, so MFU divides by every rank's peak.
+    precision: the run's autocast dtype (None = fp32), which picks the bf16 or the fp32 peak.
+    """
+    device = torch.device(device)
+    peak, _ = perf.peak_flops(device, precision)
+    if device.type == "cuda":  # the step's peak: what decides an out-of-memory
+        mem = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # CPU tensors are not tracked by an allocator: the process's resident memory
+        import psutil
+
+        mem = psutil.Process().memory_info().rss
+    mem_gib = torch.tensor(mem / 2**30, dtype=torch.float64, device=device)
+    if world_size > 1 and dist.is_initialized():
+        dist.all_reduce(mem_gib, op=dist.ReduceOp.MAX)
+    return {"mfu": perf.mfu(flops_per_token, tokens_per_sec, peak, world_size), "peak_flops": peak,
+            "mem_allocated": round(mem_gib.item(), 4)}
+
+
+SAMPLE_PROMPTS = ("import ", "class ")  # besides trainer.sample_prompt: code, as the default corpus is
+SAMPLE_TOKENS = 32  # per prompt and eval: enough to read, cheap next to an eval pass
+_tokenizers: dict = {}
 
 
 def eval_extras(*, engine, cfg: dict, step: int, rank: int, sink: "MetricsSink") -> None:
-    """Called on every rank after each evaluation (e.g. to log generated samples; under ZeRO-3 all
-    ranks must take part in gathering parameters)."""
-    return None
+    """Generated samples after each evaluation. Every rank generates (under ZeRO-3 each forward
+    gathers parameters from all ranks, so all must run the same forwards: no early stop at
+    <|endoftext|>, a fixed number of tokens); rank 0 logs them."""
+    from sheepop.model.generate import generate
+
+    tok_path = Path(cfg["data"]["out_dir"]) / "tokenizer.json"
+    if tok_path not in _tokenizers:
+        from tokenizers import Tokenizer
+
+        _tokenizers[tok_path] = Tokenizer.from_file(str(tok_path))
+    tok = _tokenizers[tok_path]
+    t = cfg["trainer"]
+    prompts = list(dict.fromkeys([t["sample_prompt"], *SAMPLE_PROMPTS]))
+    ids = [tok.encode(p).ids or [0] for p in prompts]
+    model = engine.module
+    n = min(t["sample_tokens"], SAMPLE_TOKENS, model.args.max_seq_len - max(map(len, ids)) - 1)
+    if n < 1:
+        return
+    was_training = model.training
+    out = generate(model, ids, n, temperature=0.8, top_k=40, seed=cfg["run"]["seed"])
+    model.train(was_training)
+    eot = tok.token_to_id("<|endoftext|>")
+    rows = [{"prompt": p, "text": p + tok.decode(o[: o.index(eot)] if eot in o else o)} for p, o in zip(prompts, out)]
+    sink.samples(step, rows)

@@ -1,0 +1,230 @@
+"""Monitoring: W&B offline runs read back with W&B's own reader, one W&B run across a resume,
+MFU on CPU, the live view in and out of a terminal, and `sheepop watch`.
+
+One interrupted-and-resumed run (20 steps, then on to 40 in a new process) is shared by the
+tests of this module. W&B runs offline for real; its .wandb files are read with `wandb leet
+inspect --json` (W&B's transaction-log reader), never with our metrics.jsonl.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sheepop.train.metrics import latest_per_step, read_metrics
+from tests.conftest import DATA_DIR, ROOT, sheepop
+
+pytestmark = pytest.mark.slow
+SECRET = "sk-monitor-test-0123456789abcdef"  # a fake W&B key: must land in no file of the run
+
+
+def overrides(run_dir: Path, *extra: str) -> list[str]:
+    return ["model=tiny", "trainer=quick", "cluster=process", "logger=wandb", "logger.mode=offline",
+            "logger.tags=[test,monitor]", f"run.dir={run_dir}", "data.max_bytes=3000000",
+            f"data.out_dir={DATA_DIR}/stdlib-3mb-v1024", *extra]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    # The CPU peak probe caches here, not in the home directory.
+    return {"SHEEPOP_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "WANDB_API_KEY": SECRET}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, env):
+    """A run interrupted at step 20 (max_steps=20) and resumed to 40 in a second process."""
+    run = tmp_path_factory.mktemp("monitor") / "run"
+    first = sheepop("train", *overrides(run, "trainer.max_steps=20"), env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta_20 = json.loads((run / "checkpoints/step_000020/meta.json").read_text())
+    second = sheepop("train", *overrides(run, "trainer.max_steps=40", "trainer.resume=auto"), env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"run": run, "first": first, "second": second, "meta_20": meta_20}
+
+
+def wandb_records(run_file: Path) -> list[dict]:
+    """The records of a .wandb transaction log, decoded by W&B's own CLI."""
+    r = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_file)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+_records_cache: dict[Path, list] = {}
+
+
+def offline_runs(run: Path) -> list[tuple[str, list[dict]]]:
+    """(run id, records) per offline W&B run dir, oldest first."""
+    if run in _records_cache:
+        return _records_cache[run]
+    out = _records_cache[run] = []
+    for d in sorted((run / "wandb").glob("offline-run-*")):
+        recs = wandb_records(next(d.glob("run-*.wandb")))
+        run_rec = next(r["run"] for r in recs if r["type"] == "run")
+        out.append((run_rec["run_id"], recs))
+    return out
+
+
+def history(recs: list[dict]) -> list[tuple[int, dict]]:
+    return [(int(r["history"]["step"]["num"]), r["history"]["item"]) for r in recs if r["type"] == "history"]
+
+
+def test_wandb_offline_run_has_train_loss_at_every_logged_step(resumed):
+    runs = offline_runs(resumed["run"])
+    hist = [h for _, recs in runs for h in history(recs)]
+    loss = {step: item["train/loss"] for step, item in hist if "train/loss" in item}
+    assert sorted(loss) == list(range(1, 41))  # log_every=1: every optimizer step
+    values = [loss[s] for s in sorted(loss)]
+    assert statistics.mean(values[-5:]) < statistics.mean(values[:5]) - 0.5, values  # learning
+    # Every metric family of the issue reaches W&B.
+    keys = set().union(*(item for _, item in hist))
+    for key in ("train/lr", "train/grad_norm", "train/tokens", "perf/tokens_per_sec", "perf/mfu", "perf/step_time",
+                "sys/mem_allocated", "val/loss", "val/ppl"):
+        assert key in keys, key
+    val_steps = sorted(step for step, item in hist if "val/loss" in item)
+    assert val_steps == [0, 10, 20, 30, 40]
+
+
+def test_resume_continues_the_same_wandb_run_with_monotonic_steps(resumed):
+    runs = offline_runs(resumed["run"])
+    assert len(runs) == 2  # one offline run dir per process
+    ids = {run_id for run_id, _ in runs}
+    assert ids == {resumed["meta_20"]["wandb_id"]}, ids  # the id stored in the checkpoint
+    final_meta = json.loads((resumed["run"] / "checkpoints/step_000040/meta.json").read_text())
+    assert final_meta["wandb_id"] == resumed["meta_20"]["wandb_id"]
+    steps = [step for _, recs in runs for step, _ in history(recs)]
+    assert steps == sorted(set(steps)), steps  # strictly increasing across the resume
+    assert history(runs[1][1])[0][0] == 21
+
+
+def test_wandb_gets_config_tags_and_samples_but_no_secret(resumed):
+    run = resumed["run"]
+    _, recs = offline_runs(run)[0]
+    run_rec = next(r["run"] for r in recs if r["type"] == "run")
+    cfg = run_rec["config"]["update"]
+    assert cfg["model"]["d_model"] == 96 and cfg["tokenizer"]["vocab_size"] == 1024  # resolved, not masked
+    assert cfg["trainer"]["max_steps"] == 20
+    assert set(run_rec["tags"]) == {"test", "monitor"}
+    job = next(r["config"]["update"]["job"] for r in recs if r["type"] == "config" and "job" in r["config"]["update"])
+    assert job["world_size"] == 1 and job["flops_per_token"] > 0
+    # Generated samples: a W&B table at each eval, its rows accumulating.
+    tables = {step: item for step, item in history(recs) if item.get("samples._type") == "table-file"}
+    assert sorted(tables) == [10, 20]
+    table = json.loads((next((run / "wandb").glob("offline-run-*")) / "files" / tables[20]["samples.path"]).read_text())
+    assert table["columns"] == ["step", "prompt", "text"]
+    assert {row[0] for row in table["data"]} == {10, 20}
+    assert all(row[2].startswith(row[1]) for row in table["data"])
+    # The W&B key was in the environment of both processes: it is in no file the run wrote.
+    for path in run.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_mfu_on_cpu_matches_tokens_times_flops_over_measured_peak(resumed):
+    """MFU in (0, 1), and within 2× of tokens/s × FLOPs/token ÷ a peak this test measures itself."""
+    import torch
+
+    from sheepop import perf
+
+    rows = [r for r in read_metrics(resumed["run"]) if "event" not in r and r.get("mfu") is not None]
+    start = next(r for r in read_metrics(resumed["run"]) if r.get("event") == "start")
+    assert len(rows) == 40
+    assert all(0 < r["mfu"] < 1 for r in rows)
+    half = perf.is_half(start["precision"])
+    peak = perf.measure_cpu_peak(torch.bfloat16 if half else torch.float32)
+    independent = [r["tokens_per_sec"] * start["flops_per_token"] / peak for r in rows]
+    ratio = statistics.median(r["mfu"] for r in rows) / statistics.median(independent)
+    assert 0.5 < ratio < 2, (ratio, peak, rows[-1]["peak_flops"])
+    # sys/mem_allocated on CPU: the process's resident memory, a plausible size.
+    assert all(0.05 < r["mem_allocated"] < 16 for r in rows)
+
+
+def test_train_without_a_terminal_prints_plain_progress_lines(resumed):
+    out = resumed["second"].stdout
+    assert "\x1b[" not in out  # no animation escape codes in a log file
+    lines = [ln for ln in out.splitlines() if re.match(r"step \d+/40 ", ln)]
+    assert lines and lines[-1].startswith("step 40/40"), out[-2000:]
+    assert "loss " in lines[-1] and "tok/s" in lines[-1] and "MFU" in lines[-1] and "eta" in lines[-1]
+
+
+def test_live_view_in_a_terminal_shows_progress_loss_and_mfu(resumed):
+    from rich.console import Console
+
+    from sheepop.train.live import LiveView
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=110, color_system=None)
+    with LiveView(resumed["run"], 40, console, poll_s=0.05, sparkline=True) as view:
+        time.sleep(0.2)
+    assert not view.plain
+    text = buf.getvalue()
+    snap = view.snap
+    assert snap.step == 40 and snap.ended and snap.val_step == 40
+    for piece in ("40/40", f"{snap.loss:.4f}", f"{snap.val_loss:.4f}", "tok/s", "MFU", "eta 0:00:00", "run ended"):
+        assert piece in text, piece
+    assert any(ch in text for ch in "▁▂▃▄▅▆▇█")  # the sparkline
+
+
+def test_sparkline_follows_the_values():
+    from sheepop.train.live import sparkline
+
+    assert sparkline([3.0, 2.0, 1.0]) == "█▅▁"
+    assert len(sparkline(list(range(1000)), width=40)) == 40
+    assert sparkline([]) == ""
+
+
+def test_watch_tails_a_run_until_its_end_event(tmp_path):
+    """`sheepop watch` on a run that is being written: it prints as rows arrive and exits at `end`."""
+    run = tmp_path / "watched"
+    run.mkdir()
+    (run / "config.yaml").write_text("trainer:\n  max_steps: 6\n")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(json.dumps({"event": "start", "step": 0, "time": time.time()}) + "\n")
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "watch", str(run), "poll=0.05", "every=0", "timeout=60"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for step in range(1, 7):
+            time.sleep(0.3)
+            with metrics.open("a") as f:
+                f.write(json.dumps({"time": time.time(), "step": step, "loss": 7.0 - step / 2,
+                                    "tokens_per_sec": 1000.0, "mfu": 0.05, "step_time": 0.3}) + "\n")
+            assert p.poll() is None  # still watching: no `end` yet
+        with metrics.open("a") as f:
+            f.write(json.dumps({"time": time.time(), "event": "end", "step": 6, "stopped": False}) + "\n")
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(lines) >= 3 and lines[-1].startswith("step 6/6  loss 4.0000"), out  # several updates, then the last
+    assert "run ended at step 6/6" in out
+
+
+def test_watch_rejects_a_directory_that_is_not_a_run(tmp_path):
+    r = sheepop("watch", str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "RUN_DIR" in r.stderr, r.stderr
+    r = sheepop("watch", str(tmp_path))
+    assert r.returncode == 2 and "metrics.jsonl" in r.stderr, r.stderr
+    r = sheepop("watch", str(tmp_path), "pol=1")
+    assert r.returncode == 2 and "valid for watch: poll" in r.stderr, r.stderr
+
+
+def test_gpu_peaks_come_from_the_table():
+    """No GPU here: the table lookup is checked by name (the names torch reports)."""
+    from sheepop import perf
+
+    assert perf.gpu_peak("NVIDIA H100 80GB HBM3", half=True) == 989e12
+    assert perf.gpu_peak("NVIDIA H100 PCIe", half=True) == 756e12
+    assert perf.gpu_peak("NVIDIA L40S", half=False) == 91.6e12  # not the L4 entry
+    assert perf.gpu_peak("NVIDIA A100-SXM4-80GB", half=False) == 19.5e12
+    assert perf.gpu_peak("Some Future Accelerator", half=True) is None
+    assert perf.mfu(1e6, 1e5, 1e12, devices=2) == pytest.approx(0.05)
