@@ -237,9 +237,15 @@ def _explain(e: Exception, overrides: list[str]) -> str:
         path = key.split(".")
         schema = dict(zip(("run",) + GROUPS, (RunConfig, ModelConfig, DataConfig, TokenizerConfig,
                                                TrainerConfig, ParallelismConfig, ClusterConfig, LoggerConfig)))
-        if path[0] in schema and len(path) == 2:
-            valid = sorted(schema[path[0]].__dataclass_fields__)
-            return f"unknown key '{key}'; valid keys in {path[0]}: {', '.join(valid)}"
+        if path[0] in schema and len(path) >= 2:
+            node = schema[path[0]]
+            for part in path[1:-1]:  # nested sections, e.g. data.clean.min_chars
+                f = node.__dataclass_fields__.get(part)
+                if f is None or not hasattr(f.default_factory, "__dataclass_fields__"):
+                    break
+                node = f.default_factory
+            valid = sorted(node.__dataclass_fields__)
+            return f"unknown key '{key}'; valid keys in {'.'.join(path[:-1])}: {', '.join(valid)}"
         if path[0] not in schema:
             return f"unknown key '{key}'; valid top-level keys: {', '.join(schema)}"
     first = (cause or msg).splitlines()[0] if (cause or msg) else type(e).__name__
