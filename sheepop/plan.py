@@ -139,12 +139,11 @@ def _amp(cfg: dict) -> bool:
 
 def _mem_for(cfg: dict, *, stage: int | None = None, world: int | None = None, micro: int | None = None,
              offload_optimizer: bool | None = None, offload_params: bool | None = None) -> dict:
-    from sheepop.config import batch_plan
     from sheepop.model import ModelArgs
 
     p = cfg["parallelism"]
     world = world or cfg["cluster"]["num_workers"]
-    seq = batch_plan(cfg, world)["seq_len"]
+    seq = cfg["trainer"]["seq_len"] or cfg["model"]["max_seq_len"]
     return memory(ModelArgs.from_config(cfg["model"]),
                   stage=p["zero_stage"] if stage is None else stage, world=world,
                   micro=micro or cfg["trainer"]["micro_batch_size"], seq=seq, amp=_amp(cfg),
@@ -172,6 +171,9 @@ def alternatives(cfg: dict) -> list[str]:
     def fits(**kw) -> bool:
         return _mem_for(cfg, **kw)["total"] <= limit
 
+    def valid(w: int, m: int) -> bool:  # a pinned global batch must split into micro batches on w GPUs
+        return not t["global_batch_size"] or t["global_batch_size"] % (m * w) == 0
+
     # Same GPUs and batch, more sharding / offload.
     ladder = [(s, False, False) for s in (1, 2, 3)] + [(2, True, False), (3, True, False), (3, True, True)]
     for stage, off_o, off_p in ladder:
@@ -183,19 +185,21 @@ def alternatives(cfg: dict) -> list[str]:
             break
     # Smaller micro batch at the chosen and at the strongest in-GPU stage (accumulation keeps the batch).
     for stage in sorted({p["zero_stage"], 3}):
-        m = micro // 2
-        while m >= 1 and not fits(stage=stage, micro=m):
-            m //= 2
-        if m >= 1 and m < micro:
-            keep = (f" trainer.grad_accum_steps={t['grad_accum_steps'] * micro // m}"
-                    if not t["global_batch_size"] else "")
+        m = micro - 1
+        while m >= 1 and not (valid(world, m) and fits(stage=stage, micro=m)):
+            m -= 1
+        if m >= 1:
+            # A pinned global batch keeps itself (accumulation adapts); otherwise keep tokens per step.
+            accum = t["grad_accum_steps"] or 1
+            keep = (f" trainer.grad_accum_steps={accum * micro // m}"
+                    if not t["global_batch_size"] and (accum * micro) % m == 0 else "")
             out.append((f"parallelism.zero_stage={stage} " if stage != p["zero_stage"] else "")
                        + f"trainer.micro_batch_size={m}{keep}")
             break
     # More GPUs (ZeRO-3 shards everything but activations).
     for stage in sorted({max(p["zero_stage"], 1), 3}):
         w = world * 2
-        while w <= 4096 and not fits(stage=stage, world=w):
+        while w <= 4096 and not (valid(w, micro) and fits(stage=stage, world=w)):
             w *= 2
         if w <= 4096:
             out.append(f"cluster.num_workers={w}" + (f" parallelism.zero_stage={stage}" if stage != p["zero_stage"] else ""))
@@ -323,9 +327,31 @@ def main(argv: list[str]) -> int:
                 raise UserError(f"{a}: MFU must be in (0, 1]")
         else:
             overrides.append(a)
+    cfg, note = compose_for_plan(overrides)
+    gpu_spec(cfg["cluster"]["gpu"])
+    print(render(summary(cfg, mfu), cfg) + (f"\nnote: {note}" if note else ""))
+    return 0
+
+
+def compose_for_plan(overrides: list[str]) -> tuple[dict, str]:
+    """The composed config; when the global batch does not split into micro batches on this many
+    GPUs (the presets' global batch of 16 on 8 GPUs), plan it with the largest micro batch that
+    keeps the global batch, and say so, rather than refuse."""
     from sheepop.config import compose, to_dict
 
-    cfg = to_dict(compose(overrides))
-    gpu_spec(cfg["cluster"]["gpu"])
-    print(render(summary(cfg, mfu), cfg))
-    return 0
+    try:
+        return to_dict(compose(overrides)), ""
+    except UserError as e:
+        if not str(e).startswith("trainer.global_batch_size="):
+            raise
+        one = to_dict(compose([*overrides, "cluster.num_workers=1"]))
+        glob, micro = one["trainer"]["global_batch_size"], one["trainer"]["micro_batch_size"]
+        workers = int(next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("cluster.num_workers=")),
+                           one["cluster"]["num_workers"]))
+        if glob % workers:
+            raise
+        per_gpu = glob // workers
+        m = max(d for d in range(1, min(micro, per_gpu) + 1) if per_gpu % d == 0)
+        cfg = to_dict(compose([*overrides, f"trainer.micro_batch_size={m}"]))
+        return cfg, (f"trainer.global_batch_size={glob} does not split into micro batches of {micro} on {workers} "
+                     f"GPUs: planned with trainer.micro_batch_size={m} (pass it to `sheepop train` too)")

@@ -24,7 +24,7 @@ def _cfg(*overrides: str) -> dict:
 
 
 def test_llama_7b_plan_matches_hand_counts(capsys):
-    assert cli(["plan", "model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8"]) in (0,)
+    assert cli(["plan", "model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8"]) == 0
     out = capsys.readouterr().out
     # Llama 2 7B by hand: per layer q,k,v,o 4·4096² + SwiGLU 3·4096·11008 + two norms 2·4096;
     # 32 layers, a final norm, untied 32000 × 4096 embedding and output head.
@@ -33,11 +33,14 @@ def test_llama_7b_plan_matches_hand_counts(capsys):
     assert total == 6_738_415_616  # the published count
     assert f"{total:,} parameters" in out
     assert f"embedding {32000 * 4096:,}" in out and f"non-embedding {total - 32000 * 4096:,}" in out
-    s = plan.summary(_cfg("model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8"))
+    cfg, note = plan.compose_for_plan(["model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8"])
+    s = plan.summary(cfg)
+    glob = cfg["trainer"]["global_batch_size"] or cfg["trainer"]["micro_batch_size"] * 8 * (
+        cfg["trainer"]["grad_accum_steps"] or 1)
     # 6 × (matmul params: all but the input embedding) + 12 · layers · d · seq (attention scores).
     assert s["flops_per_token"] == 6 * (total - 32000 * 4096) + 12 * 32 * 4096 * 4096
-    assert s["batch"]["tokens_per_step"] == 16 * 8 * 4096  # default micro 16 × 8 GPUs × 4096
-    assert s["tokens"] == 300 * 16 * 8 * 4096
+    assert s["batch"]["tokens_per_step"] == glob * 4096 and f"{glob * 4096:,} tokens per optimizer step" in out
+    assert s["tokens"] == cfg["trainer"]["max_steps"] * glob * 4096
     # time = FLOPs / (8 GPUs × 312 TFLOP/s × 40% MFU)
     assert s["seconds"] == pytest.approx(s["flops_per_token"] * s["tokens"] / (8 * 312e12 * 0.4))
     assert "a100-80gb" in out and "GPU-hours" in out
@@ -90,7 +93,8 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
     try:
         for stage in (0, 1, 2, 3):
             cfg = _cfg("model=tiny", f"parallelism.zero_stage={stage}", "cluster=local",
-                       f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2")
+                       f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
+                       f"trainer.global_batch_size={2 * world}")  # one micro step = one optimizer step
             torch.manual_seed(0)
             e = eng.build(Transformer(ModelArgs.from_config(cfg["model"])), cfg, world)
             x = torch.randint(0, 1000, (2, 32))
@@ -168,14 +172,18 @@ def test_activation_estimate_matches_autograd_saved_tensors(shape, amp):
 # Fit check and suggestions
 
 
-def test_check_fits_refuses_and_its_suggestions_fit():
-    cfg = _cfg("model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8")
+@pytest.mark.parametrize("base", [
+    ["model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8", "trainer.global_batch_size=128"],
+    ["model=llama-1b", "model.max_seq_len=2048", "cluster.gpu=a100-40gb", "cluster.num_workers=4", "trainer.global_batch_size=0",
+     "trainer.grad_accum_steps=1", "trainer.micro_batch_size=4", "parallelism=ddp"],
+])
+def test_check_fits_refuses_and_its_suggestions_fit(base):
+    cfg = _cfg(*base)
     ok, msg = plan.check_fits(cfg)
     assert not ok and msg.startswith("does not fit") and "would fit:" in msg
     suggestions = msg.split("would fit: ", 1)[1].split(" | ")
-    for s in suggestions:  # every suggestion, applied, fits
-        ok2, msg2 = plan.check_fits(compose(["model=llama-7b", "cluster.gpu=a100-80gb", "cluster.num_workers=8",
-                                             *s.split()]))
+    for s in suggestions:  # every suggestion, applied, is a valid config that fits
+        ok2, msg2 = plan.check_fits(compose([*base, *s.split()]))
         assert ok2, (s, msg2)
     ok, msg = plan.check_fits(compose(["model=tiny", "cluster=process"]))
     assert ok and msg.startswith("fits")
