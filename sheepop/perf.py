@@ -95,7 +95,7 @@ def measure_cpu_peak(dtype: torch.dtype = torch.float32, size: int = PROBE_SIZE,
 def cpu_peak(half: bool, *, refresh: bool = False) -> float:
     """Cached measured CPU peak for bf16 (half) or fp32 at the current thread count."""
     dtype = torch.bfloat16 if half else torch.float32
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__.split('+')[0]}"
+    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__.split('+')[0]}|probe=2"
     if not refresh and key in _memo:
         return _memo[key]
     path = cache_path()
