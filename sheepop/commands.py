@@ -94,15 +94,12 @@ def generate(argv: list[str]) -> int:
     o = parse_kv(argv, GENERATE_OPTS, "generate")
     if "run.dir" not in o:
         raise UserError("generate needs run.dir=DIR (a training run's folder or a checkpoint)")
-    from sheepop.model.generate import generate as gen
+    from sheepop.model.generate import encode_prompt, generate as gen
     from sheepop.train.checkpoint import load_model
 
     model, tok, meta = load_model(o["run.dir"])
     prompt = o.get("prompt", "def ")
-    ids = tok.encode(prompt).ids
-    unknown = [t for t in ids if t >= model.args.vocab_size]
-    if unknown:
-        raise UserError(f"prompt encodes to ids {unknown[:5]} outside the model's vocabulary of {model.args.vocab_size}")
+    ids = encode_prompt(tok, prompt, model.args.vocab_size)  # UserError for characters it cannot encode
     n = o.get("max_new_tokens", 100)
     n = max(1, min(n, model.args.max_seq_len - 1))
     temperature = 0.0 if o.get("greedy") else o.get("temperature", 0.8)
