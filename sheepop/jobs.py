@@ -157,7 +157,7 @@ def _key(override) -> str:
     return override.key_or_group
 
 
-def plan_jobs(overrides: list[str], multirun: bool) -> list[dict]:
+def plan_jobs(overrides: list[str], multirun: bool, force: bool = False) -> list[dict]:
     """Compose and validate every job's config here; pin each job's run.dir.
 
     run.dir is resolved locally (so `${now:...}` means submission time, not start time on the
@@ -176,6 +176,12 @@ def plan_jobs(overrides: list[str], multirun: bool) -> list[dict]:
         if cfg.cluster.kind != "ray":
             raise UserError(f"cluster={cfg.cluster.name} has kind={cfg.cluster.kind}; a submitted job connects "
                             "to the cluster it runs on: use cluster=ray or a preset with kind: ray")
+        if not force and str(cfg.cluster.use_gpu).lower() != "false":
+            from sheepop.plan import check_fits
+
+            fits, message = check_fits(cfg)  # the same check as `sheepop plan`
+            if not fits:
+                raise UserError(f"{message} (--force submits anyway)")
         jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys})
     dirs = [j["run_dir"] for j in jobs]
     if len(set(dirs)) < len(dirs):
@@ -287,13 +293,14 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--python", default="python", help="Python on the head node that runs the entrypoint")
     p.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its final state")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; contact nothing")
+    p.add_argument("--force", action="store_true", help="submit even when `sheepop plan` says it will not fit")
     args, overrides = p.parse_known_args(argv)
     flags = [o for o in overrides if o.startswith("-")]
     if flags:
         raise UserError(f"unknown option '{flags[0]}'; options: -m, --address, --env, --working-dir, --exclude, "
-                        "--python, --follow, --dry-run (everything else is a Hydra override)")
+                        "--python, --follow, --dry-run, --force (everything else is a Hydra override)")
 
-    jobs = plan_jobs(overrides, args.multirun)  # bad overrides fail here, before any contact
+    jobs = plan_jobs(overrides, args.multirun, args.force)  # bad overrides / runs that cannot fit fail here
     if args.follow and len(jobs) > 1:
         raise UserError(f"--follow follows one job; this sweep makes {len(jobs)} (use `sheepop logs ID --follow`)")
     wd = Path(args.working_dir or default_working_dir()).expanduser().resolve()

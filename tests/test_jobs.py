@@ -273,3 +273,15 @@ def test_submitted_job_succeeds_with_metrics_logs_and_a_clean_upload(ray_head, t
     assert not {".env", "credentials.json", "data/train_000000.bin"} & uploaded
     assert not any(u.startswith((".git/", "outputs/", "wandb/")) for u in uploaded)
     assert not any(SECRET in (pkg / u).read_text(errors="replace") for u in uploaded)
+
+
+def test_submit_refuses_a_run_that_cannot_fit_unless_forced():
+    """The plan's memory check runs before anything is contacted (--dry-run contacts nothing)."""
+    big = ["model=llama-7b", "cluster.gpu=l4", "cluster.num_workers=8", "trainer.micro_batch_size=1",
+           "trainer.global_batch_size=16", "run.dir=/tmp/sheepop-never-written"]
+    r = sheepop("submit", "--dry-run", *big)
+    assert r.returncode == 2 and "does not fit" in r.stderr and "--force" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = sheepop("submit", "--dry-run", "--force", *big)
+    assert r.returncode == 0, r.stderr
+    assert "sheepop.cli train cluster=ray model=llama-7b" in r.stdout
