@@ -53,41 +53,12 @@ def test_llama_7b_plan_matches_hand_counts(capsys):
 # Memory model vs what DeepSpeed engines hold
 
 
-def _storages(tensors) -> dict[int, int]:
-    out = {}
-    for t in tensors:
-        if torch.is_tensor(t) and t.numel() > 0:
-            s = t.untyped_storage()
-            out[s.data_ptr()] = s.nbytes()
-    return out
-
-
-def _measure(engine) -> dict[str, int]:
-    """Bytes this rank holds, by unique storage: model weights (ZeRO-3: the ds_tensor partitions),
-    gradients (param .grad and ZeRO's gradient partitions), optimizer state (AdamW's m and v
-    plus ZeRO's fp32 master partitions), each storage counted once."""
-    opt = engine.optimizer
-    params = _storages(getattr(p, "ds_tensor", p.data) for p in engine.module.parameters())
-    grads = [p.grad for p in engine.module.parameters()]
-    ag = getattr(opt, "averaged_gradients", None)
-    if isinstance(ag, dict):
-        grads += [t for v in ag.values() if v for t in (v if isinstance(v, list) else [v])]
-    grads += [getattr(opt, "grads_in_partition", None), getattr(opt, "grad_partitions_flat_buffer", None)]
-    masters = list(getattr(opt, "single_partition_of_fp32_groups", None) or []) + \
-        list(getattr(opt, "fp32_partitioned_groups_flat", None) or [])
-    grads += [m.grad for m in masters]
-    grads = {k: v for k, v in _storages(grads).items() if k not in params}
-    inner = getattr(opt, "optimizer", opt)
-    states = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
-    optim = {k: v for k, v in _storages(states + masters).items() if k not in params and k not in grads}
-    return {"params": sum(params.values()), "grads": sum(grads.values()), "optimizer": sum(optim.values())}
-
-
 def _engine_worker(rank: int, world: int, port: int, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore::FutureWarning")
     torch.set_num_threads(1)
     from sheepop.train import engine as eng
+    from sheepop.train.memory import engine_bytes
 
     eng.init_distributed()
     try:
@@ -99,9 +70,9 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
             e = eng.build(Transformer(ModelArgs.from_config(cfg["model"])), cfg, world)
             x = torch.randint(0, 1000, (2, 32))
             e.backward(e(x, x))
-            after_backward = _measure(e)  # gradients live now
+            after_backward = engine_bytes(e)  # gradients live now
             e.step()
-            after_step = _measure(e)  # AdamW's state exists from the first step
+            after_step = engine_bytes(e)  # AdamW's state exists from the first step
             if rank == 0:
                 queue.put((stage, {k: max(after_backward[k], after_step[k]) for k in after_step}))
             del e
