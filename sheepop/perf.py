@@ -43,8 +43,8 @@ GPU_PEAKS: list[tuple[str, float, float]] = [
     ("MI250", 362e12, 47.9e12),
 ]
 
-PROBE_SIZE = 1024  # matrix side; big enough to reach the BLAS's steady rate, small enough for ~0.5 s
-PROBE_SECONDS = 0.4  # time spent timing, per dtype
+PROBE_SIZE = 1024  # matrix side; big enough to reach the BLAS's steady rate, fast enough to time many
+PROBE_SECONDS = 1.0  # best of this much timing, per dtype: long enough to catch quiet moments on a busy machine
 
 _memo: dict[tuple, float] = {}
 

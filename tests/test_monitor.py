@@ -118,7 +118,7 @@ def test_wandb_gets_config_tags_and_samples_but_no_secret(resumed):
     # Generated samples: a W&B table at each eval, its rows accumulating.
     tables = {step: item for step, item in history(recs) if item.get("samples._type") == "table-file"}
     assert sorted(tables) == [10, 20]
-    table = json.loads((next((run / "wandb").glob("offline-run-*")) / "files" / tables[20]["samples.path"]).read_text())
+    table = json.loads((sorted((run / "wandb").glob("offline-run-*"))[0] / "files" / tables[20]["samples.path"]).read_text())
     assert table["columns"] == ["step", "prompt", "text"]
     assert {row[0] for row in table["data"]} == {10, 20}
     assert all(row[2].startswith(row[1]) for row in table["data"])
@@ -139,10 +139,12 @@ def test_mfu_on_cpu_matches_tokens_times_flops_over_measured_peak(resumed):
     assert len(rows) == 40
     assert all(0 < r["mfu"] < 1 for r in rows)
     half = perf.is_half(start["precision"])
-    peak = perf.measure_cpu_peak(torch.bfloat16 if half else torch.float32)
+    # A peak is the best the CPU does: the best of a few probes, as other work on a shared machine
+    # only ever slows a probe down.
+    peak = max(perf.measure_cpu_peak(torch.bfloat16 if half else torch.float32, seconds=0.5) for _ in range(3))
     independent = [r["tokens_per_sec"] * start["flops_per_token"] / peak for r in rows]
     ratio = statistics.median(r["mfu"] for r in rows) / statistics.median(independent)
-    assert 0.5 < ratio < 2, (ratio, peak, rows[-1]["peak_flops"])
+    assert 0.5 < ratio < 2, f"MFU / independent = {ratio:.2f}: test peak {peak:.3g}, run's peak {rows[-1]['peak_flops']:.3g}"
     # sys/mem_allocated on CPU: the process's resident memory, a plausible size.
     assert all(0.05 < r["mem_allocated"] < 16 for r in rows)
 

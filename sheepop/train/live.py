@@ -181,6 +181,7 @@ class LiveView:
             self.update()
 
     def __enter__(self):
+        self.update()  # the first frame shows the run as it is (watch on a running or finished run)
         if not self.plain:
             self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
             self._live.start()
