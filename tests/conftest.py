@@ -22,6 +22,7 @@ os.environ.update({
     "RAY_USAGE_STATS_ENABLED": "0",
     "PYTHONWARNINGS": "ignore::FutureWarning",
     "TOKENIZERS_PARALLELISM": "false",
+    "SHEEPOP_CACHE_DIR": str(_TMP / "cache"),  # the CPU peak-FLOP/s probe's cache
 })
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.pop("RAY_ADDRESS", None)
