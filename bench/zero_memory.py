@@ -24,7 +24,8 @@ def _cfg(model: str, stage: int, world: int) -> dict:
     from sheepop.config import compose, to_dict
 
     return to_dict(compose([f"model={model}", f"parallelism.zero_stage={stage}", "cluster=local",
-                            f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2"]))
+                            f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
+                            "trainer.global_batch_size=0"]))  # accumulation 1: every step is an optimizer step
 
 
 def _worker(rank: int, world: int, port: int, model: str, queue) -> None:
@@ -64,16 +65,17 @@ def main(argv: list[str]) -> None:
     for _ in range(len(STAGES) * world):
         stage, rank, b = queue.get(timeout=30)
         got.setdefault(stage, {})[rank] = b
-    print(f"model={model}, {world} workers: bytes per rank (max over ranks), ratio to stage 0")
-    print(f"{'stage':<7}" + "".join(f"{k:>14}{'×':>7}" for k in ("params", "grads", "optimizer")) + f"{'total':>14}{'×':>7}")
-    base = {k: max(r[k] for r in got[0].values()) for k in ("params", "grads", "optimizer")}
-    base_total = sum(base.values())
+    keys = ("params", "grads", "adam_moments", "fp32_master", "optimizer")
+    print(f"model={model}, {world} workers: bytes per rank (max over ranks) and ratio to stage 0")
+    print("optimizer = adam_moments (AdamW exp_avg + exp_avg_sq) + fp32_master (ZeRO's fp32 partition copy)")
+    print(f"{'stage':<6}" + "".join(f"{k:>14}{'×':>6}" for k in keys) + f"{'total':>12}{'×':>6}")
+    base = {k: max(r[k] for r in got[0].values()) for k in keys}
+    base_total = base["params"] + base["grads"] + base["optimizer"]
     for stage in STAGES:
-        row = {k: max(r[k] for r in got[stage].values()) for k in base}
-        total = sum(row.values())
-        print(f"{stage:<7}" + "".join(f"{row[k]:>14,}{row[k] / base[k]:>7.2f}" for k in base)
-              + f"{total:>14,}{total / base_total:>7.2f}")
-
+        row = {k: max(r[k] for r in got[stage].values()) for k in keys}
+        total = row["params"] + row["grads"] + row["optimizer"]
+        cells = "".join(f"{row[k]:>14,}" + (f"{row[k] / base[k]:>6.2f}" if base[k] else f"{'-':>6}") for k in keys)
+        print(f"{stage:<6}{cells}{total:>12,}{total / base_total:>6.2f}")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

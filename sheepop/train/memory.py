@@ -2,7 +2,8 @@
 
 Each storage is counted once: model weights (ZeRO-3: the rank's ds_tensor partitions), gradients
 (param .grad and ZeRO's gradient partitions), optimizer state (AdamW's moments plus ZeRO's fp32
-master partitions). Used by bench/zero_memory.py and the plan's memory-model test.
+master partitions, also reported apart: sheepop keeps fp32 weights and trains under bf16 autocast,
+so at stages 1-3 DeepSpeed's fp32 master partition is a second copy of weights the rank already has). Used by bench/zero_memory.py and the plan's memory-model test.
 """
 from __future__ import annotations
 
@@ -32,5 +33,9 @@ def engine_bytes(engine) -> dict[str, int]:
     grads = {k: v for k, v in _storages(grads).items() if k not in params}
     inner = getattr(opt, "optimizer", opt)
     states = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.numel() > 1]
-    optim = {k: v for k, v in _storages(states + masters).items() if k not in params and k not in grads}
-    return {"params": sum(params.values()), "grads": sum(grads.values()), "optimizer": sum(optim.values())}
+    moments = {k: v for k, v in _storages(states).items() if k not in params and k not in grads}
+    master = {k: v for k, v in _storages(masters).items() if k not in params and k not in grads and k not in moments}
+    return {"params": sum(params.values()), "grads": sum(grads.values()),
+            "optimizer": sum(moments.values()) + sum(master.values()),  # what the plan models
+            "adam_moments": sum(moments.values()),  # AdamW's exp_avg and exp_avg_sq
+            "fp32_master": sum(master.values())}  # ZeRO's fp32 copy of this rank's partition
