@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -71,8 +72,11 @@ def main(argv: list[str]) -> None:
            "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
     t0 = time.time()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
-                    "--master_port=0", __file__, "--ddp-worker", model, str(steps), str(micro), precision,
+                    f"--master_port={port}", __file__, "--ddp-worker", model, str(steps), str(micro), precision,
                     str(tmp / "ddp.json")], check=True, env=env, cwd=ROOT)
     ddp_wall = time.time() - t0
     ddp = json.loads((tmp / "ddp.json").read_text())
@@ -90,7 +94,7 @@ def main(argv: list[str]) -> None:
     tps = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r and r["step"] > WARMUP and "val_loss" not in r]
     sheepop_tps = statistics.median(tps)
 
-    print(f"model={model}, {world} workers × micro {micro} × seq, {steps} steps (median after {WARMUP} warm-up), "
+    print(f"model={model}, {world} workers × micro batch {micro}, {steps} steps (median after {WARMUP} warm-up), "
           f"precision={precision}, OMP_NUM_THREADS={threads}")
     print(f"{'setup':<44}{'tokens/s':>10}{'wall s':>9}")
     print(f"{'torchrun + DDP (gloo), plain loop':<44}{ddp_tps:>10,.0f}{ddp_wall:>9.1f}")
