@@ -123,7 +123,8 @@ def export_weights(argv: list[str]) -> int:
 
     model, tok, meta = load_model(o["run.dir"])
     out = Path(o.get("out") or Path(o["run.dir"]) / "model.pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "config": meta["config"], "step": meta["step"]}, out)
-    tok.save(str(out.with_name("tokenizer.json"))) if out.parent != Path(meta["path"]) else None
+    tok.save(str(out.with_name("tokenizer.json")))  # generate run.dir=<out> finds it beside the weights
     print(f"wrote {out} (fp32, step {meta['step']}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

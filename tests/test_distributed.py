@@ -147,3 +147,17 @@ def test_bad_distributed_input_fails_before_any_worker(tmp_path, extra, message)
     assert "Traceback" not in r.stderr
     assert time.time() - t0 < 10  # no Ray, no DeepSpeed started
     assert sorted(str(p) for p in run.rglob("*")) == before  # nothing written, nothing touched
+
+
+def test_zero3_offload_trains_like_stage0(tmp_path):
+    """Parameters and optimizer state in CPU memory (DeepSpeed's CPU Adam, JIT-built once):
+    one rank, same seed and data as plain data parallel, same losses."""
+    ref, off = tmp_path / "ddp", tmp_path / "offload"
+    for run, preset in ((ref, "ddp"), (off, "zero3_offload")):
+        r = sheepop("train", *dist_args(run, "cluster=process", f"parallelism={preset}", "trainer.max_steps=8",
+                                        "trainer.save_every=0"), timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = losses(ref), losses(off)
+    assert sorted(b) == list(range(1, 9)) and b[8] < b[1]
+    assert max(abs(a[s] - b[s]) for s in a) < 1e-3, (a, b)
+    assert len(list((off / "checkpoints" / "step_000008" / "ds").glob("*optim_states.pt"))) == 1

@@ -50,6 +50,17 @@ def test_tiny_model_learns(tmp_path):
     assert g1.stdout.startswith("def ") and len(g1.stdout) > 8
     assert g1.stdout == g2.stdout  # KV cache or not, greedy picks the same tokens
 
+    # export-weights: consolidated fp32 weights that load with plain torch, no DeepSpeed import.
+    out = tmp_path / "export" / "model.pt"
+    r = sheepop("export-weights", f"run.dir={run}", f"out={out}")
+    assert r.returncode == 0 and out.is_file() and (out.parent / "tokenizer.json").is_file(), r.stderr
+    g3 = sheepop("generate", f"run.dir={out}", "prompt=def ", "max_new_tokens=20", "greedy=true")
+    assert g3.returncode == 0 and g3.stdout == g1.stdout, g3.stderr
+    probe = subprocess.run([sys.executable, "-c", "import sys; from sheepop.train.checkpoint import load_model; "
+                            f"load_model({str(out)!r}); print('deepspeed' in sys.modules)"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.strip() == "False", probe.stderr
+
 
 def _interrupt_at(run: Path, args: list[str], step: int) -> subprocess.CompletedProcess:
     """Start a run, press Ctrl-C once it has logged `step`, wait for it to exit."""

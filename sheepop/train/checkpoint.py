@@ -172,11 +172,19 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(run_or_ckpt: str | Path):
-    """(model, tokenizer, meta) from a run dir or a checkpoint folder, for generate/eval/export."""
+    """(model, tokenizer, meta) from a run dir, a checkpoint folder, or the model.pt that
+    `sheepop export-weights` wrote (plain torch weights: no DeepSpeed involved), for generate/eval/export."""
     from sheepop.data.tokenizer import load as load_tokenizer
     from sheepop.model import ModelArgs, Transformer
 
     p = Path(run_or_ckpt).expanduser()
+    if p.is_file():
+        saved = torch.load(p, map_location="cpu", weights_only=True)
+        model = Transformer(ModelArgs.from_config(saved["config"]["model"]))
+        model.load_state_dict(saved["model"])
+        model.eval()
+        return model, load_tokenizer(p.with_name("tokenizer.json")), {
+            "step": saved["step"], "path": str(p), "config": saved["config"]}
     ckpt = p if (p / "meta.json").is_file() else latest(p / "checkpoints") or latest(p)
     if ckpt is None:
         raise UserError(f"run.dir={p}: no checkpoint found (expected {p}/checkpoints/step_N/meta.json)")
