@@ -19,7 +19,6 @@ import asyncio
 import logging
 import os
 import shlex
-import socket
 import sys
 import time
 from datetime import datetime
@@ -27,6 +26,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from sheepop.errors import UserError
+from sheepop.net import require_listening
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
@@ -88,12 +88,8 @@ def connect(address: str):
     """A JobSubmissionClient, after a quick TCP check (requests has no timeout by default)."""
     u = urlparse(address)
     host, port = u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 8265)
-    try:
-        with socket.create_connection((host, port), timeout=5):
-            pass
-    except OSError as e:
-        raise UserError(f"--address={address}: nothing answers at {host}:{port} ({e.strerror or e}); start a "
-                        "cluster (`ray start --head --dashboard-host 127.0.0.1`) or fix --address/$RAY_ADDRESS") from None
+    require_listening(host, port, f"--address={address}", "start a cluster (`ray start --head --dashboard-host "
+                      "127.0.0.1`) or fix --address/$RAY_ADDRESS", timeout=5)
     from ray.job_submission import JobSubmissionClient
 
     try:

@@ -12,7 +12,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -21,6 +20,7 @@ from rich.console import Console
 
 from sheepop.config import batch_plan, redact
 from sheepop.errors import UserError
+from sheepop.net import require_listening
 from sheepop.train.metrics import read_metrics
 
 console = Console()
@@ -66,12 +66,7 @@ def check_ray_address(address: str) -> None:
         return
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
-    try:
-        with socket.create_connection((host, port), timeout=3):
-            pass
-    except OSError as e:
-        raise UserError(f"cluster.address={address}: nothing answers at {host}:{port} ({e.strerror or e}); "
-                        "start a cluster with `ray start --head` or fix the address") from None
+    require_listening(host, port, f"cluster.address={address}", "start a cluster with `ray start --head` or fix the address")
 
 
 def run(cfg: dict) -> dict:
