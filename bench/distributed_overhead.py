@@ -28,31 +28,22 @@ def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str
 
     from sheepop.config import compose, to_dict
     from sheepop.model import ModelArgs, Transformer
-    from sheepop.train.engine import autocast_dtype, lr_lambda, param_groups
+    from plain_torch import make_step
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = to_dict(compose([f"model={model_name}", f"trainer.micro_batch_size={micro}", f"trainer.max_steps={steps}"]))
-    t = cfg["trainer"]
+    cfg = to_dict(compose([f"model={model_name}", f"trainer.micro_batch_size={micro}", f"trainer.max_steps={steps}",
+                           f"trainer.precision={precision}"]))
     seq = cfg["model"]["max_seq_len"]
     torch.manual_seed(0)
     model = DDP(Transformer(ModelArgs.from_config(cfg["model"])))
-    opt = torch.optim.AdamW(param_groups(model.module, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    amp = autocast_dtype(precision)
+    step = make_step(model, cfg)
     g = torch.Generator().manual_seed(rank)
     times = []
     for _ in range(steps):
         w = torch.randint(0, cfg["model"]["vocab_size"], (micro, seq + 1), generator=g)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            loss = model(w[:, :-1], w[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        dist.all_reduce(loss.detach())  # the loss a person would log
+        dist.all_reduce(step(w))  # the loss a person would log
         times.append(time.perf_counter() - t0)
     if rank == 0:
         Path(out).write_text(json.dumps({"tokens_per_step": micro * seq * world, "times": times}))

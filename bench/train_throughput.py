@@ -13,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from plain_torch import make_step
 from sheepop.commands import parse_kv
 from sheepop.config import compose, to_dict
 from sheepop.model import ModelArgs, Transformer, flops_per_token
@@ -51,17 +52,7 @@ def main(argv):
     # 1. Plain PyTorch: forward, backward, clip, AdamW, scheduler.
     torch.manual_seed(0)
     model = Transformer(args)
-    opt = torch.optim.AdamW(eng.param_groups(model, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, eng.lr_lambda(cfg))
-
-    def torch_step(w):
-        with autocast():
-            loss = model(w[:, :-1], w[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+    torch_step = make_step(model, cfg)
 
     plain_s = time_steps(torch_step, data, warmup)
 

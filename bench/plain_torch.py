@@ -1,0 +1,28 @@
+"""The baseline the benches compare against: the training step a person writes by hand in plain
+PyTorch (forward under autocast, backward, clip, AdamW with the same groups, LR schedule)."""
+from __future__ import annotations
+
+import torch
+
+from sheepop.train.engine import autocast_dtype, lr_lambda, param_groups
+
+
+def make_step(model: torch.nn.Module, cfg: dict):
+    """step(window) → loss, for windows of shape (batch, seq + 1). `model` may be wrapped in DDP."""
+    t = cfg["trainer"]
+    inner = getattr(model, "module", model)
+    opt = torch.optim.AdamW(param_groups(inner, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    amp = autocast_dtype(t["precision"])
+
+    def step(w: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            loss = model(w[:, :-1], w[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return loss.detach()
+
+    return step
