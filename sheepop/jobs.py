@@ -112,6 +112,13 @@ def job_info(client, job_id: str, address: str):
         raise UserError(f"job '{job_id}': {_first_line(e)}") from None
 
 
+def open_job(args) -> tuple:
+    """(client, info, address) for the job named on the command line; one-line errors otherwise."""
+    address = resolve_address(args.address)
+    client = connect(address)
+    return client, job_info(client, args.job_id, address), address
+
+
 def dashboard_url(address: str, job_id: str) -> str:
     return f"{address}/#/jobs/{job_id}"
 
@@ -364,9 +371,7 @@ def status_main(argv: list[str]) -> int:
     p.add_argument("--wait", action="store_true", help="wait until the job ends; exit 0 only if it succeeded")
     p.add_argument("--timeout", type=float, default=0, help="with --wait: give up after this many seconds (0 = never)")
     args = p.parse_args(argv)
-    address = resolve_address(args.address)
-    client = connect(address)
-    info = job_info(client, args.job_id, address)
+    client, info, address = open_job(args)
     deadline = time.monotonic() + args.timeout if args.timeout else None
     while args.wait and info.status.value not in TERMINAL:
         if deadline and time.monotonic() > deadline:
@@ -392,9 +397,7 @@ def logs_main(argv: list[str]) -> int:
     p.add_argument("job_id")
     p.add_argument("-f", "--follow", action="store_true", help="keep streaming until the job ends; exit with its state")
     args = p.parse_args(argv)
-    address = resolve_address(args.address)
-    client = connect(address)
-    job_info(client, args.job_id, address)
+    client, _, address = open_job(args)
     if args.follow:
         return _follow(client, args.job_id, address)
     sys.stdout.write(client.get_job_logs(args.job_id))
@@ -407,9 +410,7 @@ def stop_main(argv: list[str]) -> int:
     p.add_argument("--no-wait", action="store_true", help="return once the stop is requested")
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for STOPPED (default 60)")
     args = p.parse_args(argv)
-    address = resolve_address(args.address)
-    client = connect(address)
-    info = job_info(client, args.job_id, address)
+    client, info, address = open_job(args)
     if info.status.value in TERMINAL:
         print(f"{args.job_id}: already {info.status.value}; nothing to stop")
         return 0

@@ -41,7 +41,7 @@ def preflight(cfg: dict) -> Path | None:
     from sheepop.train import checkpoint
 
     c = cfg["cluster"]
-    plan = batch_plan(cfg, c["num_workers"])  # raises on a micro batch that does not divide
+    batch_plan(cfg, c["num_workers"])  # raises on a micro batch that does not divide the global batch
     if c["kind"] == "ray":
         check_ray_address(c["address"] or os.environ.get("RAY_ADDRESS", ""))
     resume = checkpoint.resolve_resume(cfg)
@@ -54,7 +54,6 @@ def preflight(cfg: dict) -> Path | None:
         if meta["step"] >= cfg["trainer"]["max_steps"]:
             raise UserError(f"checkpoint {resume} is at step {meta['step']} >= trainer.max_steps="
                             f"{cfg['trainer']['max_steps']}: nothing to train; raise trainer.max_steps")
-    del plan
     return resume
 
 

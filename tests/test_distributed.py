@@ -82,6 +82,7 @@ def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stag
     """2 workers → 1 worker (accumulation 1 → 2): the run continues as if nothing changed."""
     src = stage_runs[stage] / "checkpoints" / "step_000006"
     run = tmp_path / "one"
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
     r = sheepop("train", *dist_args(run, "cluster=process", f"parallelism={['ddp', 'zero1', 'zero2', 'zero3'][stage]}",
                                     f"trainer.resume={src}"))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -94,7 +95,8 @@ def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stag
     # at an unchanged world size (measured), so the drift is DeepSpeed's, not the 2 → 1 change.
     assert max(abs(two[s] - one[s]) for s in one) < (1e-4 if stage == 2 else 2e-2)
     assert abs(two[7] - one[7]) < 1e-4  # the first step after the resume uses the restored weights exactly
-    assert not (src.parent.parent / "universal").exists() or (src / "meta.json").is_file()  # source kept
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before  # the source checkpoint is untouched
+    assert (src.parent.parent / "universal" / src.name / "ds" / "zero").is_dir()  # converted beside it
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):
