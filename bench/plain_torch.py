@@ -1,10 +1,13 @@
 """The baseline the benches compare against: the training step a person writes by hand in plain
-PyTorch (forward under autocast, backward, clip, AdamW with the same groups, LR schedule)."""
+PyTorch (forward under autocast, backward, clip, AdamW with the same groups, LR schedule).
+
+For precision=bf16 (DeepSpeed's bf16 mode in sheepop) the hand-written equivalent is bf16
+autocast over fp32 weights: the usual PyTorch way to get bf16 matmuls."""
 from __future__ import annotations
 
 import torch
 
-from sheepop.train.engine import autocast_dtype, lr_lambda, param_groups
+from sheepop.train.engine import compute_dtype, lr_lambda, param_groups
 
 
 def make_step(model: torch.nn.Module, cfg: dict):
@@ -13,7 +16,7 @@ def make_step(model: torch.nn.Module, cfg: dict):
     inner = getattr(model, "module", model)
     opt = torch.optim.AdamW(param_groups(inner, t["weight_decay"]), lr=t["lr"], betas=(t["beta1"], t["beta2"]))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    amp = autocast_dtype(t["precision"])
+    amp = compute_dtype(t["precision"])
 
     def step(w: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=amp, enabled=amp is not None):

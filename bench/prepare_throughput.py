@@ -43,7 +43,7 @@ def train_tokens_per_s(steps: int, micro: int) -> tuple[float, str]:
     torch.manual_seed(0)
     model = Transformer(ModelArgs.from_config(cfg["model"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    amp = eng.autocast_dtype(cfg["trainer"]["precision"])
+    amp = eng.compute_dtype(cfg["trainer"]["precision"])  # plain PyTorch: bf16 through autocast
     data = torch.randint(0, cfg["model"]["vocab_size"], (steps + 1, micro, seq + 1))
 
     def step(w):

@@ -72,7 +72,8 @@ def main(argv):
 
     fpt = flops_per_token(args, seq)
     print(f"model={model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"micro batch {micro} × seq {seq}, precision {amp or 'fp32'}, {steps} timed steps, "
+          f"micro batch {micro} × seq {seq}, precision {eng.precision_mode(t['precision'])} (plain PyTorch: "
+          f"{'bf16 autocast' if eng.compute_dtype(t['precision']) else 'fp32'}), {steps} timed steps, "
           f"{torch.get_num_threads()} threads")
     print(f"{'loop':<28}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}")
     for name, secs in (("plain PyTorch", plain_s), ("sheepop (DeepSpeed engine)", ds_s)):

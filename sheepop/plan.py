@@ -3,19 +3,21 @@
 Parameters and FLOPs come from the model's shape; memory per GPU from a model of what
 sheepop's training actually holds on each rank:
 
-  sheepop trains fp32 weights under bf16 autocast, with torch AdamW (two fp32 states) as
-  DeepSpeed's client optimizer. Measured from DeepSpeed 0.19 engines (tests/test_plan.py):
-    weights       4 B/param            ÷N at ZeRO-3
-    gradients     4 B/param            ÷N at ZeRO ≥ 1 (DeepSpeed reduces straight into the
-                                       rank's fp32 gradient partition, even at stage 1)
-    optimizer     8 B/param (Adam m, v) at stage 0; at stages 1-3 DeepSpeed also keeps its own
-                  fp32 copy of the rank's partition: (8 + 4) B/param ÷N
-    buffers       gradient-reduce buckets (reduce_bucket_size fp32 elements, two with
-                  overlap_comm at stages 1-2); at ZeRO-3 the gathered weights of ~2 blocks
-    activations   tensors saved for backward under bf16 autocast (no activation
-                  checkpointing; flash attention, so nothing grows with seq²), the bf16 weight
-                  copies autocast saves (2 B/param, not sharded even at ZeRO-3) and the logits'
-                  forward/backward transient
+  The default precision (bf16) is DeepSpeed's bf16 mode with torch AdamW as the client
+  optimizer; bf16-autocast and fp32 keep fp32 weights. Measured from DeepSpeed 0.19 engines
+  (tests/test_plan.py), per parameter:
+                  bf16                        bf16-autocast / fp32
+    weights       2 B                         4 B                       ÷N at ZeRO-3
+    gradients     2 B                         4 B                       ÷N at ZeRO ≥ 1 (reduced
+                                              straight into the rank's partition, even at stage 1)
+    optimizer     fp32 master + Adam m, v:    Adam m, v: 8 B at stage 0; at stages 1-3 DeepSpeed
+                  12 B, ÷N at ZeRO ≥ 1        adds an fp32 copy of the partition: 12 B ÷N
+    buffers       gradient-reduce buckets (reduce_bucket_size elements of the gradient dtype, two
+                  with overlap_comm at stages 1-2); at ZeRO-3 the gathered weights of ~2 blocks
+    activations   tensors saved for backward (no activation checkpointing; flash attention, so
+                  nothing grows with seq²), under bf16-autocast also the bf16 weight copies it
+                  saves (2 B/param, not sharded even at ZeRO-3), and the logits' forward/backward
+                  transient
   Offload moves the optimizer state and fp32 gradient partition (offload_optimizer) and the
   weights (offload_params, ZeRO-3) to CPU memory.
 
@@ -68,49 +70,68 @@ def usable_bytes(gpu: GPU) -> float:
 # Memory model
 
 
-def activation_bytes(args, micro: int, seq: int, amp: bool) -> dict[str, float]:
+MODES = ("bf16", "bf16-autocast", "fp32")  # trainer.precision once `auto` is resolved (engine.precision_mode)
+
+
+def activation_bytes(args, micro: int, seq: int, precision: str) -> dict[str, float]:
     """Bytes of one micro-batch's activations: `saved` (kept for backward, counted from what
     autograd saves in sheepop's Transformer: see tests/test_plan.py) and `transient` (the
-    logits' bf16 output and fp32 gradient at the peak of backward)."""
+    logits' output and fp32 gradient at the peak of backward)."""
     d, f, V, L = args.d_model, args.d_ff, args.vocab_size, args.n_layers
     kv = args.n_kv_heads * args.head_dim
-    b = 2 if amp else 4
-    # Two RMSNorms save their fp32 input and normalised output (16d). Under autocast every
-    # linear casts its input to bf16 separately (q/k/v: 3, w1/w3: 2); in fp32 they share one.
-    casts = 10 * d if amp else 8 * d
+    b = 4 if precision == "fp32" else 2  # bytes of a matmul output
+    if precision == "bf16":
+        # Each RMSNorm saves its fp32 upcast (4d), the bf16 normalised value (2d) and the
+        # bf16 output that the next linears share (2d).
+        norms = 2 * (4 + 2 + 2) * d
+        head_norm = 8 * d
+    else:
+        # fp32 weights: each RMSNorm saves its fp32 input and normalised output (8d); its output
+        # feeds the linears, which under autocast each cast it to bf16 apart (q/k/v: 3, w1/w3: 2).
+        norms = 16 * d + (10 * d if precision == "bf16-autocast" else 8 * d)
+        head_norm = 8 * d + b * d
     attn = b * d + b * kv + b * kv + b * d + b * d + 4 * args.n_heads  # rope'd q, k; v; SDPA out + lse; wo input
     mlp = 4 * b * f  # w1 out, w3 out, silu out, their product
-    per_token_layer = 16 * d + casts + attn + mlp
-    head = 8 * d + b * d + 4 * V + 8  # final norm, head input, fp32 log-softmax, token ids
+    per_token_layer = norms + attn + mlp
+    head = head_norm + 4 * V + 8  # final norm (+ head input), fp32 log-softmax, token ids
     tokens = micro * seq
     saved = tokens * (L * per_token_layer + head)
     return {"saved": saved, "transient": tokens * V * (b + 4)}
 
 
-def memory(args, *, stage: int, world: int, micro: int, seq: int, amp: bool, offload_optimizer: bool = False,
-           offload_params: bool = False, reduce_bucket_size: int = 50_000_000, overlap_comm: bool = True) -> dict:
+def memory(args, *, stage: int, world: int, micro: int, seq: int, precision: str = "bf16",
+           offload_optimizer: bool = False, offload_params: bool = False, reduce_bucket_size: int = 50_000_000,
+           overlap_comm: bool = True) -> dict:
     """Bytes per rank on the GPU (params, grads, optimizer, buffers, activations, total) and
-    in CPU memory (cpu) for one ZeRO configuration."""
+    in CPU memory (cpu) for one ZeRO configuration. precision: one of MODES."""
     from sheepop.model import num_params
 
+    if precision not in MODES:
+        raise ValueError(f"precision={precision}; valid: {', '.join(MODES)}")
     n = num_params(args)
     shard = world if world > 1 else 1
-    params = 4 * n / (shard if stage == 3 else 1)
-    grads = 4 * n / (shard if stage >= 1 else 1)
-    optim = 8 * n if stage == 0 else 12 * n / shard
+    w = 2 if precision == "bf16" else 4  # bytes per weight and per gradient element
+    params = w * n / (shard if stage == 3 else 1)
+    grads = w * n / (shard if stage >= 1 else 1)
+    if precision == "bf16":
+        optim = 12 * n / (shard if stage >= 1 else 1)  # fp32 master + Adam m, v
+    else:
+        optim = 8 * n if stage == 0 else 12 * n / shard
     buffers = 0.0
     if stage in (1, 2):
-        buffers = reduce_bucket_size * 4 * (2 if overlap_comm else 1)
+        buffers = reduce_bucket_size * w * (2 if overlap_comm else 1)
     elif stage == 3:
         d, hd = args.d_model, args.head_dim
         block = 2 * d * hd * (args.n_heads + args.n_kv_heads) + 3 * d * args.d_ff + 2 * d  # one layer
-        buffers = reduce_bucket_size * 4 + 2 * 4 * max(block, args.vocab_size * args.d_model)
-    buffers = min(buffers, 4 * n * 2)  # buckets never exceed what they carry
-    act = activation_bytes(args, micro, seq, amp)
-    weight_copies = 2 * n if amp else 0  # autocast's bf16 casts, saved for backward
+        buffers = reduce_bucket_size * w + 2 * w * max(block, args.vocab_size * args.d_model)
+    buffers = min(buffers, w * n * 2)  # buckets never exceed what they carry
+    act = activation_bytes(args, micro, seq, precision)
+    weight_copies = 2 * n if precision == "bf16-autocast" else 0  # autocast's bf16 casts, saved for backward
     cpu = 0.0
     if offload_optimizer:
-        cpu += optim + grads + 4 * n / shard  # + DeepSpeed's staging copy of the partition
+        cpu += optim + 4 * n / shard  # + the fp32 gradient partition the CPU optimizer steps with
+        if precision != "bf16":
+            cpu += 4 * n / shard  # + DeepSpeed's staging copy of the fp32 partition
         optim, grads = 0.0, 0.0
     if offload_params:
         cpu += params
@@ -133,8 +154,9 @@ def _plain(cfg) -> dict:
     return to_dict(cfg)
 
 
-def _amp(cfg: dict) -> bool:
-    return cfg["trainer"]["precision"] in ("auto", "bf16")  # every GPU in GPUS has bf16
+def _precision(cfg: dict) -> str:
+    p = cfg["trainer"]["precision"]
+    return "bf16" if p == "auto" else p  # every GPU in GPUS has bf16
 
 
 def _mem_for(cfg: dict, *, stage: int | None = None, world: int | None = None, micro: int | None = None,
@@ -146,7 +168,7 @@ def _mem_for(cfg: dict, *, stage: int | None = None, world: int | None = None, m
     seq = cfg["trainer"]["seq_len"] or cfg["model"]["max_seq_len"]
     return memory(ModelArgs.from_config(cfg["model"]),
                   stage=p["zero_stage"] if stage is None else stage, world=world,
-                  micro=micro or cfg["trainer"]["micro_batch_size"], seq=seq, amp=_amp(cfg),
+                  micro=micro or cfg["trainer"]["micro_batch_size"], seq=seq, precision=_precision(cfg),
                   offload_optimizer=p["offload_optimizer"] if offload_optimizer is None else offload_optimizer,
                   offload_params=p["offload_params"] if offload_params is None else offload_params,
                   reduce_bucket_size=p["reduce_bucket_size"], overlap_comm=p["overlap_comm"])
@@ -288,7 +310,7 @@ def render(s: dict, cfg: dict) -> str:
         f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({_human(s['tokens'])})",
         "",
         f"memory per GPU, {unit_name} ({s['world']} × {s['gpu']}, {s['usable_gib']:.1f} GiB usable; "
-        f"{'bf16 autocast' if _amp(cfg) else 'fp32'}, AdamW):",
+        f"{_precision(cfg)}, AdamW):",
         f"  {'ZeRO':<16}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>9}{'activ.':>8}{'total':>8}"
         f"{'CPU/rank':>10}  fits",
     ]

@@ -44,9 +44,13 @@ def test_llama_7b_plan_matches_hand_counts(capsys):
     # time = FLOPs / (8 GPUs × 312 TFLOP/s × 40% MFU)
     assert s["seconds"] == pytest.approx(s["flops_per_token"] * s["tokens"] / (8 * 312e12 * 0.4))
     assert "a100-80gb" in out and "GPU-hours" in out
-    # ZeRO-3 weights are 4 B/param split 8 ways; ZeRO-0 holds all of them.
-    assert s["memory"]["zero3"]["params"] == pytest.approx(4 * total / 8)
-    assert s["memory"]["zero0"]["params"] == pytest.approx(4 * total)
+    # bf16 (the default on GPUs): ZeRO-3 weights are 2 B/param split 8 ways; ZeRO-0 holds all of them,
+    # and the 12 B/param of optimizer state (fp32 master + Adam m, v) is split 8 ways from ZeRO-1 on.
+    assert "bf16, AdamW" in out
+    assert s["memory"]["zero3"]["params"] == pytest.approx(2 * total / 8)
+    assert s["memory"]["zero0"]["params"] == pytest.approx(2 * total)
+    assert s["memory"]["zero0"]["optimizer"] == pytest.approx(12 * total)
+    assert s["memory"]["zero1"]["optimizer"] == pytest.approx(12 * total / 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,8 +66,8 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
 
     eng.init_distributed()
     try:
-        for stage in (0, 1, 2, 3):
-            cfg = _cfg("model=tiny", f"parallelism.zero_stage={stage}", "cluster=local",
+        for precision, stage in ((p, s) for p in plan.MODES for s in (0, 1, 2, 3)):
+            cfg = _cfg("model=tiny", f"parallelism.zero_stage={stage}", "cluster=local", f"trainer.precision={precision}",
                        f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
                        f"trainer.global_batch_size={2 * world}")  # one micro step = one optimizer step
             torch.manual_seed(0)
@@ -74,7 +78,7 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
             e.step()
             after_step = engine_bytes(e)  # AdamW's state exists from the first step
             if rank == 0:
-                queue.put((stage, {k: max(after_backward[k], after_step[k]) for k in after_step}))
+                queue.put(((precision, stage), {k: max(after_backward[k], after_step[k]) for k in after_step}))
             del e
     finally:
         eng.shutdown()
@@ -82,31 +86,35 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
 
 @pytest.mark.slow
 def test_memory_model_matches_deepspeed_engines_on_two_ranks():
-    """Real DeepSpeed engines (sheepop's own engine.build, gloo, 2 processes), ZeRO 0-3: the
-    plan's params / grads / optimizer bytes per rank agree with the engines' tensors within 15%."""
+    """Real DeepSpeed engines (sheepop's own engine.build, gloo, 2 processes), ZeRO 0-3 in every
+    precision mode: the plan's params / grads / optimizer bytes per rank agree with the engines'
+    tensors within 15%."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     mp.spawn(_engine_worker, args=(2, port, queue), nprocs=2, join=True)
-    measured = dict(queue.get(timeout=10) for _ in range(4))
+    measured = dict(queue.get(timeout=10) for _ in range(4 * len(plan.MODES)))
     args = ModelArgs.from_config(_cfg("model=tiny")["model"])
-    for stage, got in sorted(measured.items()):
-        est = plan.memory(args, stage=stage, world=2, micro=2, seq=32, amp=True)
+    for (precision, stage), got in sorted(measured.items()):
+        est = plan.memory(args, stage=stage, world=2, micro=2, seq=32, precision=precision)
         for key in ("params", "grads", "optimizer"):
-            assert est[key] == pytest.approx(got[key], rel=0.15), (stage, key, est[key], got[key])
+            assert est[key] == pytest.approx(got[key], rel=0.15), (precision, stage, key, est[key], got[key])
     # The sharding is visible in the measurements themselves, not only in the model.
     n = num_params(args)
-    assert measured[0]["optimizer"] == pytest.approx(8 * n, rel=0.05)
-    assert measured[3]["params"] < 0.6 * measured[2]["params"]
+    assert measured["bf16", 0]["optimizer"] == pytest.approx(12 * n, rel=0.05)  # fp32 master + Adam m, v
+    assert measured["fp32", 0]["optimizer"] == pytest.approx(8 * n, rel=0.05)  # the fp32 weights are the master
+    for stage in (1, 2, 3):  # ZeRO's promise in bf16 mode: optimizer state halves on 2 ranks
+        assert measured["bf16", stage]["optimizer"] <= 0.55 * measured["bf16", 0]["optimizer"]
+    assert measured["bf16", 3]["params"] < 0.6 * measured["bf16", 2]["params"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Activations vs what autograd saves
 
 
-def _saved_bytes(model: Transformer, idx: torch.Tensor, amp: bool) -> int:
+def _saved_bytes(model: Transformer, idx: torch.Tensor, precision: str) -> int:
     seen: dict[int, int] = {}
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted elsewhere
 
@@ -117,25 +125,28 @@ def _saved_bytes(model: Transformer, idx: torch.Tensor, amp: bool) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
         model(idx, idx)
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("amp", [True, False])
+@pytest.mark.parametrize("precision", plan.MODES)
 @pytest.mark.parametrize("shape", [
     dict(vocab_size=4096, d_model=384, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=1024),  # GQA, like small
     dict(vocab_size=2048, d_model=256, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=1536, tie_embeddings=False),
 ])
-def test_activation_estimate_matches_autograd_saved_tensors(shape, amp):
+def test_activation_estimate_matches_autograd_saved_tensors(shape, precision):
     args = ModelArgs(max_seq_len=256, **shape)
     torch.manual_seed(0)
     model = Transformer(args)
+    if precision == "bf16":  # what DeepSpeed's bf16 mode does: parameters cast, buffers kept fp32
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
     idx = torch.randint(0, args.vocab_size, (2, 256))
-    measured = _saved_bytes(model, idx, amp)
+    measured = _saved_bytes(model, idx, precision)
     matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-    weight_copies = 2 * matrices if amp else 0  # autocast's bf16 copies, which the plan counts separately
-    est = plan.activation_bytes(args, 2, 256, amp)["saved"]
+    weight_copies = 2 * matrices if precision == "bf16-autocast" else 0  # the plan counts these separately
+    est = plan.activation_bytes(args, 2, 256, precision)["saved"]
     assert est == pytest.approx(measured - weight_copies, rel=0.1)
 
 
@@ -171,8 +182,8 @@ def test_bigger_gpu_count_is_suggested_when_weights_do_not_fit():
 
 def test_offload_moves_optimizer_to_cpu():
     args = ModelArgs.from_config(_cfg("model=small")["model"])
-    on_gpu = plan.memory(args, stage=2, world=4, micro=1, seq=256, amp=True)
-    off = plan.memory(args, stage=2, world=4, micro=1, seq=256, amp=True, offload_optimizer=True)
+    on_gpu = plan.memory(args, stage=2, world=4, micro=1, seq=256)
+    off = plan.memory(args, stage=2, world=4, micro=1, seq=256, offload_optimizer=True)
     assert off["optimizer"] == 0 and off["cpu"] >= on_gpu["optimizer"]
     assert off["total"] < on_gpu["total"]
 

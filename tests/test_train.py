@@ -109,3 +109,39 @@ def test_resume_never_refuses_to_touch_existing_checkpoints(tmp_path):
     r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", "trainer.resume=never"))
     assert r.returncode == 2 and "already has checkpoints" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("zero", ["ddp", "zero1"])
+def test_bf16_checkpoint_holds_fp32_master_and_resumes_exactly(tmp_path, zero):
+    """precision=bf16 is DeepSpeed's bf16 mode: bf16 weights in the module, their fp32 master in
+    the optimizer. A checkpoint must carry the master: consolidated weights are fp32 (not bf16-
+    rounded) and round to the module's bf16 weights, and a resume from step 3 ends with exactly
+    the weights and losses of the run that never stopped."""
+    import torch
+
+    from sheepop.train.checkpoint import consolidated_state_dict
+
+    common = ["trainer.precision=bf16", f"parallelism={zero}", "trainer.max_steps=6", "trainer.save_every=3",
+              "trainer.eval_every=0", "trainer.progress=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = sheepop("train", *tiny_overrides(straight, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = next(e for e in read_metrics(straight) if e.get("event") == "start")
+    assert start["precision"] == "bf16"
+    ckpt = straight / "checkpoints" / "step_000006"
+    weights = consolidated_state_dict(ckpt)
+    module = torch.load(ckpt / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    for name, w in weights.items():
+        assert module[name].dtype == torch.bfloat16 and w.dtype == torch.float32, name
+        assert torch.equal(w.bfloat16(), module[name]), name  # the master rounds to the module's weights
+    matrix = weights["layers.0.attn.wq.weight"]
+    assert (matrix != matrix.bfloat16().float()).float().mean() > 0.5  # ... and keeps fp32 bits
+
+    r = sheepop("train", *tiny_overrides(resumed, *common, f"trainer.resume={straight}/checkpoints/step_000003"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s_steps, s_loss = latest_per_step(read_metrics(straight), "loss")
+    r_steps, r_loss = latest_per_step(read_metrics(resumed), "loss")
+    assert r_steps == [4, 5, 6] and s_steps[3:] == r_steps
+    assert max(abs(a - b) for a, b in zip(s_loss[3:], r_loss)) < 1e-4
+    again = consolidated_state_dict(resumed / "checkpoints" / "step_000006")
+    assert all(torch.equal(weights[k], again[k]) for k in weights)

@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 even under bf16 autocast: the mean of squares loses precision otherwise.
+        # Normalise in fp32 even with bf16 weights or autocast: the mean of squares loses precision otherwise.
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
@@ -179,6 +179,9 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
+        if self.rope_cos.dtype != torch.float32:  # model.bfloat16() rounded the angles (DeepSpeed keeps buffers fp32)
+            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.tok_emb(idx)
         for block in self.layers:

@@ -166,9 +166,28 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
             sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
-    else:  # stage 0: rank 0's model file holds the full weights
-        sd = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:  # stage 0: rank 0's model file holds the full weights and the optimizer
+        states = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        sd = states["module"]
+        masters = (states.get("optimizer") or {}).get("fp32_groups")
+        if masters:  # DeepSpeed's bf16 mode: the module holds bf16 weights, the optimizer their fp32 master
+            sd.update(_stage0_masters(path, masters))
     return {k: v.float() for k, v in sd.items()}
+
+
+def _stage0_masters(path: Path, masters: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Name the stage-0 optimizer's fp32 master tensors: they follow the optimizer's groups."""
+    from sheepop.model import ModelArgs, Transformer
+    from sheepop.train.engine import decay_split
+
+    cfg = yaml.safe_load((Path(path) / "config.yaml").read_text())
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_config(cfg["model"]))
+    names = [n for group in decay_split(model) for n in group]
+    tensors = [t for group in masters for t in group]
+    if len(names) != len(tensors):
+        raise UserError(f"checkpoint {path}: {len(tensors)} master tensors for {len(names)} parameters")
+    return dict(zip(names, tensors))
 
 
 def load_model(run_or_ckpt: str | Path):

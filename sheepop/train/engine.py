@@ -42,11 +42,31 @@ def bf16_supported() -> bool:
         return False
 
 
+PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
+
+
+def precision_mode(precision: str) -> str:
+    """What trainer.precision means on this machine: one of bf16, bf16-autocast, fp32.
+
+    bf16 is DeepSpeed's bf16 mode, the usual mixed precision of large-model training: the module
+    holds bf16 weights and gradients, the optimizer an fp32 master copy and fp32 moments, so ZeRO
+    shards the master with the moments (12 bytes/param of optimizer state split across ranks).
+    bf16-autocast keeps fp32 weights and runs matmuls under torch.autocast (an fp32 residual
+    stream; ZeRO must then add its own fp32 master copy of each partition). auto = bf16 where
+    the hardware has it, else fp32."""
+    if precision == "auto":
+        return "bf16" if bf16_supported() else "fp32"
+    return precision
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
-    """bf16 autocast (master weights and optimizer stay fp32), or None for plain fp32."""
-    if precision == "bf16" or (precision == "auto" and bf16_supported()):
-        return torch.bfloat16
-    return None
+    """The dtype the loop autocasts to (bf16-autocast only), or None."""
+    return torch.bfloat16 if precision_mode(precision) == "bf16-autocast" else None
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The dtype matmuls run in (picks the peak FLOP/s for MFU): bf16, or None for fp32."""
+    return None if precision_mode(precision) == "fp32" else torch.bfloat16
 
 
 def init_distributed() -> tuple[int, int]:
@@ -95,6 +115,8 @@ def deepspeed_config(cfg: dict, world_size: int) -> dict:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if precision_mode(t["precision"]) == "bf16":
+        ds["bf16"] = {"enabled": True}
     if p["offload_optimizer"]:
         # Offloaded optimizer state must be stepped by DeepSpeed's CPU Adam (JIT-built once).
         ds["optimizer"] = {"type": "AdamW", "params": {
@@ -109,13 +131,21 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (linear and embedding weights); leave norms' gains alone."""
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names in optimizer order: matrices (linear and embedding weights) decay, norms'
+    gains do not. Tied weights appear once, under their first name."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (decay if p.dim() >= 2 else no_decay).append(name)
+    return decay, no_decay
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_split(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
 def lr_lambda(cfg: dict):

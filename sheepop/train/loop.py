@@ -66,7 +66,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
     data_dir = Path(cfg["data"]["out_dir"])
     plan = batch_plan(cfg, world)
     micro, accum, seq = plan["micro_batch_size"], plan["grad_accum_steps"], plan["seq_len"]
-    amp = eng.autocast_dtype(t_cfg["precision"])
+    amp = eng.autocast_dtype(t_cfg["precision"])  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
     device = eng.device()
 
     torch.manual_seed(seed)  # same init on every rank
@@ -115,7 +115,8 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
                  attempt=state["attempt"])
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=plan["global_batch_size"], grad_accum=accum, micro_batch=micro,
-               tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt, precision=str(amp or "fp32"),
+               tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt,
+               precision=eng.precision_mode(t_cfg["precision"]),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None)
     if start_step == 0:
         sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
@@ -144,7 +145,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
-                                device=device, precision=amp))
+                                device=device, precision=eng.compute_dtype(t_cfg["precision"])))
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
         if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:

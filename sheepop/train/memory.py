@@ -1,9 +1,11 @@
 """Bytes a rank holds in a DeepSpeed engine, measured from its tensors (not from a formula).
 
 Each storage is counted once: model weights (ZeRO-3: the rank's ds_tensor partitions), gradients
-(param .grad and ZeRO's gradient partitions), optimizer state (AdamW's moments plus ZeRO's fp32
-master partitions, also reported apart: sheepop keeps fp32 weights and trains under bf16 autocast,
-so at stages 1-3 DeepSpeed's fp32 master partition is a second copy of weights the rank already has). Used by bench/zero_memory.py and the plan's memory-model test.
+(param .grad and ZeRO's gradient partitions), optimizer state (AdamW's moments plus the fp32 master
+weights, also reported apart). In DeepSpeed's bf16 mode the master is the optimizer's fp32 copy of
+the bf16 weights (full at stage 0, the rank's partition at stages 1-3); with fp32 weights
+(precision=fp32 or bf16-autocast) stage 0 has none and stages 1-3 keep an fp32 copy of the
+rank's partition beside the fp32 weights. Used by bench/zero_memory.py and the plan's test.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def engine_bytes(engine) -> dict[str, int]:
         grads += [t for v in ag.values() if v for t in (v if isinstance(v, list) else [v])]
     grads += [getattr(opt, "grads_in_partition", None), getattr(opt, "grad_partitions_flat_buffer", None)]
     masters = list(getattr(opt, "single_partition_of_fp32_groups", None) or []) + \
-        list(getattr(opt, "fp32_partitioned_groups_flat", None) or [])
+        list(getattr(opt, "fp32_partitioned_groups_flat", None) or []) + \
+        [t for g in getattr(opt, "fp32_groups", None) or [] for t in g]  # stage 0 in bf16 mode: the full copy
     grads += [m.grad for m in masters]
     grads = {k: v for k, v in _storages(grads).items() if k not in params}
     inner = getattr(opt, "optimizer", opt)

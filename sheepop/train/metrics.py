@@ -172,7 +172,7 @@ def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: in
     """MFU and memory for this step. Called on every rank (all take part in the max over ranks).
 
     tokens_per_sec counts the whole job's tokens, so MFU divides by every rank's peak.
-    precision: the run's autocast dtype (None = fp32), which picks the bf16 or the fp32 peak.
+    precision: the dtype matmuls run in (None = fp32), which picks the bf16 or the fp32 peak.
     """
     device = torch.device(device)
     peak, _ = perf.peak_flops(device, precision)
