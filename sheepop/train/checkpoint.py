@@ -151,7 +151,24 @@ def load(engine, path: Path, universal: Path | None = None) -> dict:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
     for group, wd in zip(engine.optimizer.param_groups, decay):
         group["weight_decay"] = wd
+    _unshare_steps(engine)
     return read_meta(path)
+
+
+def _unshare_steps(engine) -> None:
+    """DeepSpeed 0.19's ZeRO-3 universal load gives every optimizer sub-group the same `step`
+    tensor object (stage3.py: `state[fp32_param]['step'] = state_step` in a loop). torch's AdamW
+    increments `step` in place once per sub-group, so the shared counter advanced by the number of
+    groups per training step and the bias correction went wrong (losses drifted by ~5e-3 over 6
+    steps). Give each sub-group its own copy; a no-op where nothing is shared (native loads, ZeRO 0-2)."""
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    seen = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
