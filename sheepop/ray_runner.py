@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sheepop.net import ray_loopback_only
 from sheepop.runner import FORWARD_ENV, WORKER_ENV
 
 
@@ -38,6 +39,7 @@ def start_ray(cfg: dict, console: Console) -> bool:
     env = {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
     if c["kind"] == "local":
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        env.update(ray_loopback_only())
         ctx = ray.init(address="local", num_cpus=c["num_cpus"] or None, include_dashboard=True,
                        dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
                        runtime_env={"env_vars": env}, logging_level="WARNING", configure_logging=True)

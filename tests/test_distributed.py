@@ -162,3 +162,34 @@ def test_zero3_offload_trains_like_stage0(tmp_path):
     assert max(abs(a[s] - b[s]) for s in a) < 1e-3, (a, b)
     assert len(list((off / "checkpoints" / "step_000008" / "ds").glob("*optim_states.pt"))) == 1
 
+
+LISTENERS = r'''
+import json, os, psutil, ray
+from rich.console import Console
+from sheepop.config import compose, to_dict
+from sheepop.ray_runner import start_ray
+
+start_ray(to_dict(compose(["cluster=local", "cluster.num_cpus=1", "logger=none"])), Console(quiet=True))
+ifname = ray.get(ray.remote(lambda: os.environ.get("GLOO_SOCKET_IFNAME")).remote())  # a worker is up too
+socks = []
+for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+    try:
+        socks += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    except psutil.Error:
+        pass
+ray.shutdown()
+print(json.dumps({"ifname": ifname, "socks": socks}))
+'''
+
+
+def test_local_cluster_listens_on_loopback_only():
+    """cluster=local: every TCP port of the Ray instance sheepop starts (GCS, raylet, object manager,
+    dashboard, agents, workers) is bound to 127.0.0.1, and workers pin gloo to the loopback interface."""
+    r = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    names = {name for name, _, _ in got["socks"]}
+    assert {"gcs_server", "raylet"} <= names, got["socks"]  # the core services were seen listening
+    outside = [s for s in got["socks"] if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert outside == [], outside
+    assert got["ifname"] == "lo"

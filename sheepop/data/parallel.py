@@ -70,9 +70,13 @@ class Executor:
             if c.get("kind") == "ray":
                 ray.init(address=c.get("address") or os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING")
             else:
+                from sheepop.net import ray_loopback_only
+
                 cpus = c.get("num_cpus") or max(os.cpu_count() or 1, self.num_workers)
+                env = ray_loopback_only()
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-                         logging_level="WARNING", configure_logging=True)
+                         runtime_env={"env_vars": env} if env else None, logging_level="WARNING",
+                         configure_logging=True)
             self._started = True
         from ray.data import DataContext
 
