@@ -147,7 +147,7 @@ class ClusterConfig:
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: int = 0  # CPU threads per worker; 0 = kind=local: this machine's cores / num_workers, else 1
     gpus_per_worker: int = 1
-    storage_path: str = ""  # where Ray Train keeps checkpoints; empty = <run.dir>/ray
+    storage_path: str = ""  # shared folder for checkpoints (<storage_path>/checkpoints); empty = run.dir
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
     gpu: str = "h100-80gb"  # GPU type, for `sheepop plan`

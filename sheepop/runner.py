@@ -33,7 +33,7 @@ WORKER_ENV = {
     "SHEEPOP_DS_LOG_LEVEL": os.environ.get("SHEEPOP_DS_LOG_LEVEL", "WARNING"),
 }
 FORWARD_ENV = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
-               "WANDB_BASE_URL", "TORCH_EXTENSIONS_DIR", "SHEEPOP_FAIL_AT_STEP")
+               "WANDB_BASE_URL", "TORCH_EXTENSIONS_DIR")
 
 
 def preflight(cfg: dict) -> Path | None:

@@ -67,9 +67,11 @@ def offline_runs(run: Path) -> list[tuple[str, list[dict]]]:
         return _records_cache[run]
     out = _records_cache[run] = []
     for d in sorted((run / "wandb").glob("offline-run-*")):
-        recs = wandb_records(next(d.glob("run-*.wandb")))
-        run_rec = next(r["run"] for r in recs if r["type"] == "run")
-        out.append((run_rec["run_id"], recs))
+        log = next(d.glob("run-*.wandb"))
+        recs = wandb_records(log)
+        # A killed process may leave its log empty; W&B names the file after the run id too.
+        run_id = next((r["run"]["run_id"] for r in recs if r["type"] == "run"), log.stem.removeprefix("run-"))
+        out.append((run_id, recs))
     return out
 
 
@@ -103,6 +105,30 @@ def test_resume_continues_the_same_wandb_run_with_monotonic_steps(resumed):
     steps = [step for _, recs in runs for step, _ in history(recs)]
     assert steps == sorted(set(steps)), steps  # strictly increasing across the resume
     assert history(runs[1][1])[0][0] == 21
+
+
+def test_run_killed_before_its_first_checkpoint_continues_its_wandb_run(tmp_path, env):
+    """SIGKILL before any checkpoint (nothing to resume from): running the command again starts
+    from step 0 and logs to the same W&B run."""
+    run = tmp_path / "run"
+    args = overrides(run, "trainer.max_steps=12", "trainer.save_every=0", "trainer.eval_every=0",
+                     "trainer.progress=false")
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", *args], cwd=ROOT, env={**os.environ, **env},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(r.get("step", 0) >= 4 for r in read_metrics(run) if "loss" in r):
+        time.sleep(0.05)
+    p.kill()
+    p.wait(timeout=30)
+    assert not list(run.glob("checkpoints/*/meta.json"))
+    r = sheepop("train", *args, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = offline_runs(run)
+    assert len(runs) == 2 and len({run_id for run_id, _ in runs}) == 1, [i for i, _ in runs]
+    assert json.loads((run / "checkpoints/step_000012/meta.json").read_text())["wandb_id"] == runs[0][0]
+    # The killed process's file may hold steps 0-4 or nothing (unflushed); the second logs every
+    # step it computed, so W&B has them all either way (on sync it ignores steps it already has).
+    assert [step for step, _ in history(runs[1][1])] == list(range(0, 13))  # 0: the first validation
 
 
 def test_wandb_gets_config_tags_and_samples_but_no_secret(resumed):

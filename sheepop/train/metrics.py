@@ -47,6 +47,9 @@ def wandb_mode(mode: str) -> str:
     return "offline"
 
 
+WANDB_ID_FILE = "wandb_id"  # in run.dir: the W&B run this run dir logs to
+
+
 class MetricsSink:
     """Rank 0 writes; other ranks get a sink that drops everything."""
 
@@ -69,23 +72,25 @@ class MetricsSink:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
-        resuming = self.wandb_id is not None
+        # The id comes from the checkpoint; a run that died before its first checkpoint finds it
+        # beside metrics.jsonl, so its restart continues the same W&B run (as metrics.jsonl does).
+        id_file = self.run_dir / WANDB_ID_FILE
+        if self.wandb_id is None and id_file.is_file():
+            self.wandb_id = id_file.read_text().strip() or None
         self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]
+        id_file.write_text(self.wandb_id)
         self.wandb = wandb.init(
             id=self.wandb_id, resume="allow", mode=wandb_mode(lg["mode"]),
             project=lg["project"], entity=lg.get("entity"), group=lg.get("group"),
             tags=list(lg.get("tags") or []), name=cfg["run"]["name"], dir=str(self.run_dir),
             config=redact(cfg),
         )
-        # Online, W&B tells where the resumed run's history stops; offline it cannot, so the
-        # steps already in metrics.jsonl (written next to every W&B log) stand in for it.
-        # After a worker failure the loop re-runs steps since the last checkpoint: those were
-        # logged already and are skipped, so W&B's steps never go backwards.
-        floor = int(getattr(self.wandb, "step", 0) or 0) - 1
-        if resuming:
-            floor = max([floor] + [r["step"] for r in read_metrics(self.run_dir)
-                                   if "event" not in r and isinstance(r.get("step"), int)])
-        self._last_wandb_step = max(-1, floor)
+        # Steps only go forward in a W&B run. Online, W&B tells where the resumed run's history
+        # stops, and steps re-run after a failure (since the last checkpoint) are not sent twice.
+        # Offline, each process writes its own file and cannot know what an earlier one holds (a
+        # killed process may not have flushed it), so it logs every step it computes; when the
+        # files are synced, W&B keeps the first copy of a step.
+        self._last_wandb_step = max(-1, int(getattr(self.wandb, "step", 0) or 0) - 1)
         self._pending: dict = {}  # W&B-only data (sample tables) waiting for its step's metrics
 
     def log(self, row: dict) -> None:
