@@ -97,6 +97,11 @@ class TokenizerConfig:
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
 
 
+# bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32
+# weights under torch.autocast; auto: bf16 where the hardware has it, else fp32.
+PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
+
+
 @dataclass
 class TrainerConfig:
     name: str = MISSING
@@ -113,7 +118,7 @@ class TrainerConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
-    precision: str = "auto"  # auto | bf16 | bf16-autocast | fp32 (auto: bf16 where the hardware has it; see engine.py)
+    precision: str = "auto"  # one of PRECISIONS (auto: bf16 where the hardware has it; see engine.precision_mode)
     eval_every: int = 50  # steps between validation passes (0 = only at the end)
     eval_batches: int = 8  # micro-batches per validation pass
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
@@ -268,8 +273,7 @@ def validate(cfg: DictConfig) -> None:
     need(t.grad_accum_steps >= 0 and t.global_batch_size >= 0,
          "trainer.grad_accum_steps and trainer.global_batch_size must be >= 0 (0 = derive one from the other)")
     need(0 <= t.seq_len <= m.max_seq_len, f"trainer.seq_len={t.seq_len} must be in [0, model.max_seq_len={m.max_seq_len}]")
-    need(t.precision in ("auto", "bf16", "bf16-autocast", "fp32"),
-         f"trainer.precision={t.precision}; valid: auto, bf16, bf16-autocast, fp32")
+    need(t.precision in PRECISIONS, f"trainer.precision={t.precision}; valid: {', '.join(PRECISIONS)}")
     need(t.warmup_steps >= 0 and t.lr > 0 and 0 <= t.min_lr <= t.lr,
          f"trainer.lr={t.lr}, trainer.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
     need(p.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage={p.zero_stage}; valid: 0, 1, 2, 3")

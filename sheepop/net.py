@@ -1,4 +1,5 @@
-"""Reachability checks that fail in one line before anything slow starts."""
+"""Network: reachability checks that fail in one line before anything slow starts, and keeping
+the Ray instances sheepop starts on 127.0.0.1."""
 from __future__ import annotations
 
 import socket

@@ -42,9 +42,6 @@ def bf16_supported() -> bool:
         return False
 
 
-PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
-
-
 def precision_mode(precision: str) -> str:
     """What trainer.precision means on this machine: one of bf16, bf16-autocast, fp32.
 
