@@ -285,6 +285,9 @@ def validate(cfg: DictConfig) -> None:
          f"cluster.num_workers={c.num_workers} needs Ray: use cluster=local (cluster=process runs one rank)")
     need(str(c.use_gpu).lower() in ("auto", "true", "false"), f"cluster.use_gpu={c.use_gpu}; valid: auto, true, false")
     need(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
+    # Checkpoints are read back with plain file APIs (resume=auto lists them, loading reads the shards).
+    need("://" not in c.storage_path, f"cluster.storage_path={c.storage_path}: cloud URIs are not supported; "
+         "valid: a directory every node mounts (NFS, EFS, Lustre, or local for one machine)")
     need(lg.kind in ("none", "wandb"), f"logger.kind={lg.kind}; valid: none, wandb")
     need(lg.mode in ("auto", "online", "offline", "disabled"), f"logger.mode={lg.mode}; valid: auto, online, offline, disabled")
     d, dc, dd = cfg.data, cfg.data.clean, cfg.data.dedup

@@ -30,6 +30,7 @@ def test_overrides_reach_the_dict_and_run_dir_is_resolved():
     ("model.d_model=97", "divisible"),
     ("cluster.num_workers=0", "cluster.num_workers=0"),
     ("trainer.precision=fp8", "valid: auto, bf16, bf16-autocast, fp32"),
+    ("cluster.storage_path=s3://bucket/runs", "valid: a directory every node mounts"),
     ("trainer.resume=/does/not/exist", "no such checkpoint"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
