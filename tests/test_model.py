@@ -1,4 +1,5 @@
 """The transformer: causality, shapes, parameter counts, the KV cache."""
+import pytest
 import torch
 
 from sheepop.model import KVCache, ModelArgs, Transformer, num_params
@@ -42,13 +43,18 @@ def test_loss_is_cross_entropy_of_logits():
     assert torch.allclose(m(x, y), ref)
 
 
-def test_kv_cache_logits_equal_full_forward():
+@pytest.mark.parametrize("max_len", [24, 40])  # buffers exactly full, and roomier than needed
+def test_kv_cache_logits_equal_full_forward(max_len):
     m = _model()
     x = torch.randint(0, 1024, (1, 24))
     full = m(x)
-    cache = KVCache(m.args.n_layers)
+    cache = KVCache(m.args.n_layers, max_len=max_len)
     parts = [m(x[:, :10], cache=cache)] + [m(x[:, i:i + 1], cache=cache) for i in range(10, 24)]
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-4  # float noise of a different op order
+    assert cache.length == 24
+    if max_len == 24:
+        with pytest.raises(ValueError, match="full"):
+            m(x[:, :1], cache=cache)
 
 
 def test_generation_cached_equals_uncached_and_batched_equals_single():

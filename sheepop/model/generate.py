@@ -88,7 +88,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out: list[list[int]] = [[] for _ in range(B)]
-    cache = KVCache(model.args.n_layers) if use_cache else None
+    cache = KVCache(model.args.n_layers, max_len=L + max_new_tokens) if use_cache else None
     step_input = tokens
     for _ in range(max_new_tokens):
         S = tokens.shape[1]  # keys visible so far
