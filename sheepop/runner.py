@@ -54,7 +54,30 @@ def preflight(cfg: dict) -> Path | None:
         if meta["step"] >= cfg["trainer"]["max_steps"]:
             raise UserError(f"checkpoint {resume} is at step {meta['step']} >= trainer.max_steps="
                             f"{cfg['trainer']['max_steps']}: nothing to train; raise trainer.max_steps")
+        check_same_model(cfg, resume)
     return resume
+
+
+def check_same_model(cfg: dict, ckpt: Path) -> None:
+    """A checkpoint only loads into the model shape it was saved from: say which setting differs
+    now, before DeepSpeed fails on every rank with a page of size mismatches."""
+    import dataclasses
+
+    import yaml
+
+    from sheepop.model import ModelArgs
+
+    saved_cfg = ckpt / "config.yaml"
+    if not saved_cfg.is_file():
+        return
+    saved = yaml.safe_load(saved_cfg.read_text()).get("model", {})
+    # max_seq_len only sizes the RoPE tables (not saved); init_std only matters before step 0.
+    keys = [f.name for f in dataclasses.fields(ModelArgs) if f.name not in ("max_seq_len", "init_std")]
+    diff = [k for k in keys if k in saved and saved[k] != cfg["model"][k]]
+    if diff:
+        shown = ", ".join(f"model.{k}={cfg['model'][k]} (checkpoint: {saved[k]})" for k in diff)
+        raise UserError(f"checkpoint {ckpt} holds another model: {shown}; valid: the checkpoint's model "
+                        "settings, or a new run.dir")
 
 
 def check_ray_address(address: str) -> None:
