@@ -274,8 +274,14 @@ def validate(cfg: DictConfig) -> None:
          "trainer.grad_accum_steps and trainer.global_batch_size must be >= 0 (0 = derive one from the other)")
     need(0 <= t.seq_len <= m.max_seq_len, f"trainer.seq_len={t.seq_len} must be in [0, model.max_seq_len={m.max_seq_len}]")
     need(t.precision in PRECISIONS, f"trainer.precision={t.precision}; valid: {', '.join(PRECISIONS)}")
-    need(t.warmup_steps >= 0 and t.lr > 0 and 0 <= t.min_lr <= t.lr,
+    need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
          f"trainer.lr={t.lr}, trainer.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    for key in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "weight_decay", "grad_clip"):
+        need(t[key] >= 0, f"trainer.{key}={t[key]} must be >= 0")
+    for key in ("eval_batches", "log_every"):
+        need(t[key] >= 1, f"trainer.{key}={t[key]} must be >= 1")
+    need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0,
+         f"trainer.beta1={t.beta1}, trainer.beta2={t.beta2}, trainer.eps={t.eps}: need betas in [0, 1) and eps > 0")
     need(p.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage={p.zero_stage}; valid: 0, 1, 2, 3")
     need(not p.offload_params or p.zero_stage == 3, "parallelism.offload_params=true needs parallelism.zero_stage=3")
     need(not p.offload_optimizer or p.zero_stage >= 1, "parallelism.offload_optimizer=true needs zero_stage >= 1")

@@ -31,6 +31,9 @@ def test_overrides_reach_the_dict_and_run_dir_is_resolved():
     ("cluster.num_workers=0", "cluster.num_workers=0"),
     ("trainer.precision=fp8", "valid: auto, bf16, bf16-autocast, fp32"),
     ("cluster.storage_path=s3://bucket/runs", "valid: a directory every node mounts"),
+    ("trainer.warmup_steps=-5", "trainer.warmup_steps=-5 must be >= 0"),
+    ("trainer.eval_batches=0", "trainer.eval_batches=0 must be >= 1"),
+    ("trainer.beta2=1.5", "trainer.beta2=1.5, trainer.eps="),
     ("trainer.resume=/does/not/exist", "no such checkpoint"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
