@@ -94,6 +94,11 @@ def generate(argv: list[str]) -> int:
     o = parse_kv(argv, GENERATE_OPTS, "generate")
     if "run.dir" not in o:
         raise UserError("generate needs run.dir=DIR (a training run's folder or a checkpoint)")
+    for key, ok, valid in (("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"), ("top_k", lambda v: v >= 0, ">= 0"),
+                           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("num_samples", lambda v: v >= 1, ">= 1"),
+                           ("max_new_tokens", lambda v: v >= 1, ">= 1")):
+        if key in o and not ok(o[key]):
+            raise UserError(f"{key}={o[key]}: must be {valid}")
     from sheepop.model.generate import encode_prompt, generate as gen
     from sheepop.train.checkpoint import load_model
 
@@ -123,8 +128,11 @@ def export_weights(argv: list[str]) -> int:
 
     model, tok, meta = load_model(o["run.dir"])
     out = Path(o.get("out") or Path(o["run.dir"]) / "model.pt")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "config": meta["config"], "step": meta["step"]}, out)
-    tok.save(str(out.with_name("tokenizer.json")))  # generate run.dir=<out> finds it beside the weights
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "config": meta["config"], "step": meta["step"]}, out)
+        tok.save(str(out.with_name("tokenizer.json")))  # generate run.dir=<out> finds it beside the weights
+    except OSError as e:
+        raise UserError(f"out={out}: cannot write there ({e.strerror or e}); valid: a writable path") from None
     print(f"wrote {out} (fp32, step {meta['step']}, {sum(p.numel() for p in model.parameters()):,} parameters)")
     return 0

@@ -100,7 +100,8 @@ def test_byte_level_tokenizer_encodes_anything():
 
 @pytest.mark.slow
 def test_cli_refuses_a_prompt_outside_the_vocabulary(tmp_path, char_tokenizer):
-    """A real run whose checkpoint carries a tokenizer without byte fallback: one error line."""
+    """A real run whose checkpoint carries a tokenizer without byte fallback: one error line; so do
+    bad sampling options and an export path that cannot be written."""
     run = tmp_path / "run"
     r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=4", "trainer.eval_every=0"), timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -111,6 +112,14 @@ def test_cli_refuses_a_prompt_outside_the_vocabulary(tmp_path, char_tokenizer):
     assert r.returncode == 2
     assert "prompt has characters outside the tokenizer's vocabulary: 'é'" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # Bad sampling options and an unwritable export path: one line each, the value named.
+    for args, message in ((["temperature=-1"], "temperature=-1.0: must be >= 0"), (["top_p=1.5"], "top_p=1.5: must be in"),
+                          (["num_samples=0"], "num_samples=0: must be >= 1")):
+        r = sheepop("generate", f"run.dir={run}", *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "a_file").write_text("")
+    r = sheepop("export-weights", f"run.dir={run}", f"out={tmp_path}/a_file/model.pt")
+    assert r.returncode == 2 and "cannot write there" in r.stderr and "Traceback" not in r.stderr, r.stderr
     shutil.copy(tmp_path / "orig.json", ckpt / "tokenizer.json")  # the byte-level one takes anything
     r = sheepop("generate", f"run.dir={run}", "prompt=def fé", "max_new_tokens=5", "greedy=true")
     assert r.returncode == 0, r.stderr[-2000:]
