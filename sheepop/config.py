@@ -206,6 +206,18 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml") if not p.stem.endswith("_schema"))
 
 
+FREE_FORM = ("parallelism.deepspeed",)  # raw dicts: any key below them is accepted
+
+
+def _free_form(override: str) -> str:
+    """`parallelism.deepspeed.x=1` or `parallelism.deepspeed={...}` adds keys Hydra's struct mode
+    would refuse; `++` (add or override) is the Hydra spelling of that."""
+    key = override.split("=", 1)[0]
+    if any(key == f or key.startswith(f + ".") for f in FREE_FORM):
+        return "++" + override
+    return override
+
+
 def compose(overrides: list[str]) -> DictConfig:
     """Hydra compose + validation; every failure becomes one UserError line."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -214,7 +226,7 @@ def compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose("config", overrides=[_free_form(o) for o in overrides])
             # Resolve now, inside Hydra's context: ${now:...} and friends need it.
             OmegaConf.resolve(cfg)
     except UserError:
@@ -283,6 +295,16 @@ def validate(cfg: DictConfig) -> None:
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0,
          f"trainer.beta1={t.beta1}, trainer.beta2={t.beta2}, trainer.eps={t.eps}: need betas in [0, 1) and eps > 0")
     need(p.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage={p.zero_stage}; valid: 0, 1, 2, 3")
+    # Raw DeepSpeed keys may not fight what sheepop derives: the loader feeds the batch plan, the
+    # loop follows trainer.precision, and the stage decides how checkpoints are converted.
+    raw = OmegaConf.to_container(p.deepspeed) or {}
+    owned = {"train_batch_size": "trainer.global_batch_size", "train_micro_batch_size_per_gpu":
+             "trainer.micro_batch_size", "gradient_accumulation_steps": "trainer.grad_accum_steps",
+             "bf16": "trainer.precision", "fp16": "trainer.precision", "gradient_clipping": "trainer.grad_clip"}
+    for key, ours in owned.items():
+        need(key not in raw, f"parallelism.deepspeed.{key}: set {ours} instead (sheepop derives DeepSpeed's {key})")
+    need("stage" not in (raw.get("zero_optimization") or {}),
+         "parallelism.deepspeed.zero_optimization.stage: set parallelism.zero_stage instead; valid: 0, 1, 2, 3")
     need(not p.offload_params or p.zero_stage == 3, "parallelism.offload_params=true needs parallelism.zero_stage=3")
     need(not p.offload_optimizer or p.zero_stage >= 1, "parallelism.offload_optimizer=true needs zero_stage >= 1")
     need(c.kind in ("process", "local", "ray"), f"cluster.kind={c.kind}; valid: process, local, ray")
@@ -291,6 +313,9 @@ def validate(cfg: DictConfig) -> None:
          f"cluster.num_workers={c.num_workers} needs Ray: use cluster=local (cluster=process runs one rank)")
     need(str(c.use_gpu).lower() in ("auto", "true", "false"), f"cluster.use_gpu={c.use_gpu}; valid: auto, true, false")
     need(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
+    for key in ("num_cpus", "cpus_per_worker"):
+        need(c[key] >= 0, f"cluster.{key}={c[key]} must be >= 0 (0 = automatic)")
+    need(c.gpus_per_worker >= 1, f"cluster.gpus_per_worker={c.gpus_per_worker} must be >= 1 (used when workers get GPUs)")
     # Checkpoints are read back with plain file APIs (resume=auto lists them, loading reads the shards).
     need("://" not in c.storage_path, f"cluster.storage_path={c.storage_path}: cloud URIs are not supported; "
          "valid: a directory every node mounts (NFS, EFS, Lustre, or local for one machine)")

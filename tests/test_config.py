@@ -34,6 +34,7 @@ def test_overrides_reach_the_dict_and_run_dir_is_resolved():
     ("trainer.warmup_steps=-5", "trainer.warmup_steps=-5 must be >= 0"),
     ("trainer.eval_batches=0", "trainer.eval_batches=0 must be >= 1"),
     ("trainer.beta2=1.5", "trainer.beta2=1.5, trainer.eps="),
+    ("cluster.cpus_per_worker=-1", "cluster.cpus_per_worker=-1 must be >= 0"),
     ("trainer.resume=/does/not/exist", "no such checkpoint"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
@@ -70,3 +71,21 @@ def test_global_batch_stays_fixed_across_world_sizes():
     assert p1["tokens_per_step"] == p2["tokens_per_step"] == p4["tokens_per_step"] == 16 * 128
     with pytest.raises(UserError, match="not a multiple"):
         compose(["model=tiny", "trainer.micro_batch_size=3", "trainer.global_batch_size=16"])
+
+
+def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
+    from sheepop.train.engine import deepspeed_config
+
+    base = ["parallelism=zero2", "cluster=local", "cluster.num_workers=2"]
+    nested = to_dict(compose([*base, "parallelism.deepspeed.zero_optimization.reduce_scatter=false"]))
+    ds = deepspeed_config(nested, world_size=2)
+    assert ds["zero_optimization"]["reduce_scatter"] is False and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    whole = to_dict(compose([*base, "parallelism.deepspeed={wall_clock_breakdown:true,zero_optimization:{round_robin_gradients:true}}"]))
+    ds = deepspeed_config(whole, world_size=2)
+    assert ds["wall_clock_breakdown"] is True  # sheepop's own value (False) loses: raw keys merge last
+    assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["zero_optimization"]["stage"] == 2
+    for raw, ours in (("train_batch_size=99", "trainer.global_batch_size"), ("fp16={enabled:true}", "trainer.precision"),
+                      ("zero_optimization.stage=3", "parallelism.zero_stage")):
+        with pytest.raises(UserError, match=f"set {ours} instead"):
+            compose([*base, f"parallelism.deepspeed.{raw}"])
