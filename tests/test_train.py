@@ -149,3 +149,19 @@ def test_bf16_checkpoint_holds_fp32_master_and_resumes_exactly(tmp_path, zero):
     assert max(abs(a - b) for a, b in zip(s_loss[3:], r_loss)) < 1e-4
     again = consolidated_state_dict(resumed / "checkpoints" / "step_000006")
     assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
+def test_bf16_autocast_mode_trains_with_fp32_weights(tmp_path):
+    """precision=bf16-autocast: fp32 weights in the module, matmuls under torch.autocast."""
+    import torch
+
+    run = tmp_path / "amp"
+    r = sheepop("train", *tiny_overrides(run, "trainer.precision=bf16-autocast", "trainer.max_steps=8",
+                                         "trainer.eval_every=0", "trainer.progress=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    start = next(e for e in read_metrics(run) if e.get("event") == "start")
+    steps, loss = latest_per_step(read_metrics(run), "loss")
+    assert start["precision"] == "bf16-autocast" and steps == list(range(1, 9)) and loss[-1] < loss[0]
+    module = torch.load(run / "checkpoints" / "step_000008" / "ds" / "mp_rank_00_model_states.pt",
+                        map_location="cpu", weights_only=False)["module"]
+    assert {t.dtype for t in module.values()} == {torch.float32}
