@@ -201,6 +201,28 @@ def test_live_view_in_a_terminal_shows_progress_loss_and_mfu(resumed):
     assert any(ch in text for ch in "▁▂▃▄▅▆▇█")  # the sparkline
 
 
+def test_metrics_tail_reads_only_new_complete_lines_and_restarts_on_a_new_file(tmp_path):
+    from sheepop.train.live import Progress, Snapshot
+    from sheepop.train.metrics import MetricsTail
+
+    path = tmp_path / "metrics.jsonl"
+    tail = MetricsTail(tmp_path)
+    assert tail.read() == []  # no file yet
+    path.write_text('{"event": "start", "time": 1}\n{"step": 1, "loss": 5.0, "time": 2}\n{"step": 2, "lo')
+    first = tail.read()
+    assert [r.get("step") for r in first] == [None, 1]  # the half-written line waits
+    with open(path, "a") as f:
+        f.write('ss": 4.0, "time": 3}\n{"step": 3, "loss": 3.0, "time": 4}\n')
+    second = tail.read()
+    assert [r["step"] for r in second] == [2, 3] and tail.read() == []
+    progress = Progress()
+    progress.add(first)
+    progress.add(second)
+    assert progress.snapshot(10) == Snapshot.from_rows(first + second, 10)  # incremental = all at once
+    path.write_text('{"step": 1, "loss": 9.0, "time": 5}\n')  # a new run in the same folder
+    assert [r["loss"] for r in tail.read()] == [9.0] and tail.restarted
+
+
 def test_sparkline_follows_the_values():
     from sheepop.train.live import sparkline
 

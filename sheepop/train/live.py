@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from sheepop.train.metrics import read_metrics
+from sheepop.train.metrics import MetricsTail
 
 SPARK = "▁▂▃▄▅▆▇█"
 ETA_WINDOW = 50  # metric rows the time-per-step estimate looks back over
@@ -44,40 +45,61 @@ class Snapshot:
 
     @classmethod
     def from_rows(cls, rows: list[dict], total: int) -> "Snapshot":
-        snap = cls(total=total)
-        started = None  # index of the latest start/resume: ETA and elapsed count from there
-        for i, r in enumerate(rows):
+        progress = Progress()
+        progress.add(rows)
+        return progress.snapshot(total)
+
+
+class Progress:
+    """What a Snapshot needs, accumulated row by row: a poll costs only the rows it adds."""
+
+    def __init__(self):
+        self.started = False  # a start/resume event was seen: ETA and elapsed count from the latest
+        self.start_time: float | None = None
+        self.ended = False
+        self.last_time: float | None = None
+        self.last: dict | None = None  # the newest step row
+        self.loss: float | None = None
+        self.val: dict | None = None  # the newest step row with a val_loss
+        self.by_step: dict[int, float] = {}  # after a restart the re-run steps replace the earlier ones
+        self.recent: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW)  # (time, step) of this attempt
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.last_time = r.get("time")
             ev = r.get("event")
             if ev in ("start", "resume"):
-                started, snap.ended = i, False
-            elif ev == "end" and started is not None:
-                snap.ended = True
-        if rows:
-            snap.last_time = rows[-1].get("time")
-        steps = [r for r in rows if "event" not in r and r.get("step") is not None]
-        if not steps:
+                self.started, self.start_time, self.ended = True, r.get("time"), False
+                self.recent.clear()
+            elif ev == "end" and self.started:
+                self.ended = True
+            elif ev is None and r.get("step") is not None:
+                self.last = r
+                if r.get("loss") is not None:
+                    self.by_step[r["step"]] = self.loss = r["loss"]
+                    if r.get("time"):
+                        self.recent.append((r["time"], r["step"]))
+                if r.get("val_loss") is not None:
+                    self.val = r
+
+    def snapshot(self, total: int) -> Snapshot:
+        snap = Snapshot(total=total, ended=self.ended, last_time=self.last_time)
+        last = self.last
+        if last is None:
             return snap
-        by_step = {r["step"]: r["loss"] for r in steps if r.get("loss") is not None}
-        snap.losses = [by_step[s] for s in sorted(by_step)]
-        last = steps[-1]
-        snap.step = last["step"]
+        snap.losses = [self.by_step[s] for s in sorted(self.by_step)]
+        snap.step, snap.loss = last["step"], self.loss
         snap.tokens_per_sec, snap.mfu = last.get("tokens_per_sec"), last.get("mfu")
-        snap.loss = next((r["loss"] for r in reversed(steps) if r.get("loss") is not None), None)
-        val = next((r for r in reversed(steps) if r.get("val_loss") is not None), None)
-        if val:
-            snap.val_loss, snap.val_step = val["val_loss"], val["step"]
+        if self.val:
+            snap.val_loss, snap.val_step = self.val["val_loss"], self.val["step"]
         # Wall time per step over the recent rows of this attempt: includes evals and saves,
         # which the per-step step_time does not.
-        recent = [r for r in rows[(started or 0):] if "event" not in r and r.get("time") and r.get("loss") is not None]
-        recent = recent[-ETA_WINDOW:]
-        if len(recent) >= 2 and recent[-1]["step"] > recent[0]["step"]:
-            per_step = (recent[-1]["time"] - recent[0]["time"]) / (recent[-1]["step"] - recent[0]["step"])
-        else:
-            per_step = last.get("step_time")
+        (t0, s0), (t1, s1) = (self.recent[0], self.recent[-1]) if self.recent else ((None, 0), (None, 0))
+        per_step = (t1 - t0) / (s1 - s0) if len(self.recent) >= 2 and s1 > s0 else last.get("step_time")
         if per_step is not None:
             snap.eta_s = max(0, total - snap.step) * per_step
-        if started is not None and rows[started].get("time") and last.get("time"):
-            snap.elapsed_s = last["time"] - rows[started]["time"]
+        if self.start_time and last.get("time"):
+            snap.elapsed_s = last["time"] - self.start_time
         return snap
 
 
@@ -133,10 +155,15 @@ class LiveView:
         self._live: Live | None = None
         self._printed_step: int | None = None
         self._printed_at = 0.0
+        self._tail, self._progress = MetricsTail(run_dir), Progress()
 
     # -- state -------------------------------------------------------------------------------
     def update(self) -> Snapshot:
-        self.snap = Snapshot.from_rows(read_metrics(self.run_dir), self._total())
+        rows = self._tail.read()
+        if self._tail.restarted:
+            self._progress = Progress()
+        self._progress.add(rows)
+        self.snap = self._progress.snapshot(self._total())
         if self.plain:
             now = time.monotonic()
             if self.snap.step != self._printed_step and self.snap.losses and now - self._printed_at >= self.plain_every_s:

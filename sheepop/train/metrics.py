@@ -149,6 +149,39 @@ class MetricsSink:
             self.wandb.finish()
 
 
+class MetricsTail:
+    """metrics.jsonl read incrementally: each read() parses only what was appended since the
+    last one (a live view polls every 0.5 s; re-parsing a 100k-step file took 0.35 s a poll)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._pos = 0
+        self._partial = b""
+        self.restarted = False  # the last read() started over (the file was replaced or truncated)
+
+    def read(self) -> list[dict]:
+        """The rows appended since the previous call (all of them on the first)."""
+        self.restarted = False
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._pos:
+                    self._pos, self._partial, self.restarted = 0, b"", True
+                f.seek(self._pos)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self._pos += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # a line being written right now
+        rows = []
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return rows
+
+
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
