@@ -2,6 +2,7 @@
 the Ray instances sheepop starts on 127.0.0.1."""
 from __future__ import annotations
 
+import os
 import socket
 
 from sheepop.errors import UserError
@@ -27,8 +28,6 @@ def ray_loopback_only() -> dict[str, str]:
     single-machine cluster. Gloo's listeners follow GLOO_SOCKET_IFNAME (the loopback interface).
     What remains is PyTorch's TCPStore on rank 0, which binds all interfaces while training runs.
     """
-    import os
-
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray._private import ray_constants
 

@@ -6,6 +6,7 @@ differ only in how many processes call `build`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
@@ -32,6 +33,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+@functools.cache
 def bf16_supported() -> bool:
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

@@ -67,6 +67,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
     plan = batch_plan(cfg, world)
     micro, accum, seq = plan["micro_batch_size"], plan["grad_accum_steps"], plan["seq_len"]
     amp = eng.autocast_dtype(t_cfg["precision"])  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
+    compute = eng.compute_dtype(t_cfg["precision"])  # what matmuls run in: picks the peak for MFU
     device = eng.device()
 
     torch.manual_seed(seed)  # same init on every rank
@@ -145,7 +146,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
-                                device=device, precision=eng.compute_dtype(t_cfg["precision"])))
+                                device=device, precision=compute))
         if not math.isfinite(last["loss"]):
             raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
         if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:
