@@ -8,6 +8,7 @@ a given CPU does with a given thread count.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -66,6 +67,7 @@ def cache_path() -> Path:
     return Path(base) / "peak_flops.json"
 
 
+@functools.cache  # MFU asks for the CPU's peak every step
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
