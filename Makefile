@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   install (once) and train the default small model on the embedded stdlib corpus
-#   make test   install (once) and run the test suite
+#   make test   install (once) and run the test suite (tests/unit, then tests/integration)
+#   make test-fast         the quick unit tests only (no Ray, no DeepSpeed, no training run)
+#   make test-integration  the integration tests only (real training runs, Ray, DeepSpeed)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONWARNINGS ?= ignore::FutureWarning
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast test-integration bench clean
 
 install: $(VENV)/.installed
 
@@ -31,7 +33,10 @@ test: install
 	$(BIN)/pytest
 
 test-fast: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest tests/unit
+
+test-integration: install
+	$(BIN)/pytest tests/integration
 
 bench: install
 	$(BIN)/python bench/train_throughput.py

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,22 +25,20 @@ def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from sheepop.config import compose, to_dict
-    from sheepop.model import ModelArgs, Transformer
-    from plain_torch import make_step
+    from plain_torch import make_step, windows
+    from sheepop.config import compose
+    from sheepop.model.transformer import Transformer
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = to_dict(compose([f"model={model_name}", f"trainer.micro_batch_size={micro}", f"trainer.max_steps={steps}",
-                           f"trainer.precision={precision}"]))
-    seq = cfg["model"]["max_seq_len"]
+    cfg = compose([f"model={model_name}", f"trainer.micro_batch_size={micro}", f"trainer.max_steps={steps}",
+                   f"trainer.precision={precision}"])
+    seq = cfg.model.max_seq_len
     torch.manual_seed(0)
-    model = DDP(Transformer(ModelArgs.from_config(cfg["model"])))
+    model = DDP(Transformer(cfg.model))
     step = make_step(model, cfg)
-    g = torch.Generator().manual_seed(rank)
     times = []
-    for _ in range(steps):
-        w = torch.randint(0, cfg["model"]["vocab_size"], (micro, seq + 1), generator=g)
+    for w in windows(cfg, steps, micro, seq, seed=rank):
         t0 = time.perf_counter()
         dist.all_reduce(step(w))  # the loss a person would log
         times.append(time.perf_counter() - t0)
@@ -52,20 +49,21 @@ def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str
 
 
 def main(argv: list[str]) -> None:
-    from sheepop.commands import parse_kv
+    from sheepop.cli.args import parse_kv
+    from sheepop.net import free_port
 
     o = parse_kv(argv, {"model": str, "steps": int, "micro": int, "workers": int, "precision": str}, "bench")
     model, steps, micro = o.get("model", "small"), o.get("steps", 20), o.get("micro", 8)
     world, precision = o.get("workers", 2), o.get("precision", "auto")
+    if steps < WARMUP + 2:  # the last step's metrics row carries the final eval: not a training-speed sample
+        raise SystemExit(f"steps={steps}: need at least {WARMUP + 2} ({WARMUP} warm-up steps, then timed ones)")
     tmp = Path(tempfile.mkdtemp(prefix="sheepop-bench-"))
     threads = str(max(1, (os.cpu_count() or 1) // world))
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONWARNINGS": "ignore::FutureWarning",
            "WANDB_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
     t0 = time.time()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_addr=127.0.0.1",
                     f"--master_port={port}", __file__, "--ddp-worker", model, str(steps), str(micro), precision,
                     str(tmp / "ddp.json")], check=True, env=env, cwd=ROOT)

@@ -14,17 +14,18 @@ import time
 
 import torch
 
-from sheepop.config import compose, to_dict
-from sheepop.model import ModelArgs, Transformer
+from sheepop.config import compose
 from sheepop.model.generate import generate
+from sheepop.model.transformer import Transformer
 
 
 def timed(model, prompt, new, use_cache):
-    if model.rope_cos.is_cuda:
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     out = generate(model, [prompt], new, use_cache=use_cache)
-    if model.rope_cos.is_cuda:
+    if cuda:
         torch.cuda.synchronize()
     return out[0], time.perf_counter() - t0
 
@@ -35,9 +36,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="new tokens per case (half the length when shorter)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
-    cfg = to_dict(compose(["model=small", f"model.max_seq_len={max(a.lengths)}", "model.init_std=0.2"]))
+    cfg = compose(["model=small", f"model.max_seq_len={max(a.lengths)}", "model.init_std=0.2"])
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_config(cfg["model"])).to(a.device).eval()
+    model = Transformer(cfg.model).to(a.device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model=small ({n_params / 1e6:.1f}M params), fp32, batch 1, {a.device}, "
           f"{torch.get_num_threads()} threads")
@@ -46,7 +47,7 @@ def main() -> None:
     print(f"{'total':>6}{'prompt':>8}{'new':>6}{'cached tok/s':>14}{'uncached tok/s':>16}{'speedup':>9}  same tokens")
     for total in a.lengths:
         new = min(a.new, total // 2)
-        prompt = torch.randint(0, cfg["model"]["vocab_size"], (total - new,), generator=gen).tolist()
+        prompt = torch.randint(0, cfg.model.vocab_size, (total - new,), generator=gen).tolist()
         cached, t_c = timed(model, prompt, new, True)
         uncached, t_u = timed(model, prompt, new, False)
         print(f"{total:>6}{total - new:>8}{new:>6}{new / t_c:>14.1f}{new / t_u:>16.1f}{t_u / t_c:>8.1f}x  "

@@ -14,9 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from sheepop.commands import parse_kv
-from sheepop.train.live import Progress, Snapshot
-from sheepop.train.metrics import MetricsTail, read_metrics
+from sheepop.cli.args import parse_kv
+from sheepop.monitor.live import Progress, Snapshot
+from sheepop.monitor.metrics_file import MetricsTail, read_metrics
 
 POLLS = 5
 

@@ -15,43 +15,35 @@ import sys
 import sysconfig
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from sheepop.commands import parse_kv
-from sheepop.config import compose, to_dict
+from plain_torch import make_step, windows
+from sheepop.cli.args import parse_kv
+from sheepop.config import compose
 from sheepop.data.shards import prepare
-from sheepop.model import ModelArgs, Transformer
+from sheepop.model.transformer import Transformer
 from sheepop.train import engine as eng
 
 
 def prepare_run(out: Path, mb: int, workers: int) -> tuple[dict, float]:
     paths = [sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["purelib"]]
-    cfg = to_dict(compose(["model=small", "data=files", f"data.paths=[{','.join(paths)}]", "data.extensions=[.py]",
-                           f"data.max_bytes={mb * 1_000_000}", f"data.out_dir={out}", f"data.num_workers={workers}",
-                           "cluster=process"]))
+    cfg = compose(["model=small", "data=files", f"data.paths=[{','.join(paths)}]", "data.extensions=[.py]",
+                   f"data.max_bytes={mb * 1_000_000}", f"data.out_dir={out}", f"data.num_workers={workers}",
+                   "cluster=process"])
     t0 = time.perf_counter()
     m = prepare(cfg, log=lambda *_: None, progress=False)
     return m, time.perf_counter() - t0
 
 
 def train_tokens_per_s(steps: int, micro: int) -> tuple[float, str]:
-    cfg = to_dict(compose(["model=small"]))
-    seq = cfg["model"]["max_seq_len"]
+    cfg = compose(["model=small"])
+    seq = cfg.model.max_seq_len
     torch.manual_seed(0)
-    model = Transformer(ModelArgs.from_config(cfg["model"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    amp = eng.compute_dtype(cfg["trainer"]["precision"])  # plain PyTorch: bf16 through autocast
-    data = torch.randint(0, cfg["model"]["vocab_size"], (steps + 1, micro, seq + 1))
-
-    def step(w):
-        with torch.autocast("cpu", dtype=amp) if amp else nullcontext():
-            loss = model(w[:, :-1], w[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = make_step(Transformer(cfg.model), cfg)  # plain PyTorch: bf16 through autocast
+    amp = eng.compute_dtype(cfg.trainer.precision)
+    data = windows(cfg, steps + 1, micro, seq)
 
     step(data[0])  # warm-up
     t0 = time.perf_counter()

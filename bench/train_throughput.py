@@ -13,17 +13,11 @@ from contextlib import nullcontext
 
 import torch
 
-from plain_torch import make_step
-from sheepop.commands import parse_kv
-from sheepop.config import compose, to_dict
-from sheepop.model import ModelArgs, Transformer, flops_per_token
+from plain_torch import make_step, windows
+from sheepop.cli.args import parse_kv
+from sheepop.config import batch_plan, compose
+from sheepop.model.transformer import Transformer, flops_per_token
 from sheepop.train import engine as eng
-
-
-def batches(cfg, n, seq, micro):
-    g = torch.Generator().manual_seed(0)
-    v = cfg["model"]["vocab_size"]
-    return [torch.randint(0, v, (micro, seq + 1), generator=g) for _ in range(n)]
 
 
 def time_steps(step_fn, data, warmup) -> float:
@@ -38,20 +32,20 @@ def time_steps(step_fn, data, warmup) -> float:
 def main(argv):
     o = parse_kv(argv, {"model": str, "steps": int, "warmup": int, "micro": int, "precision": str}, "bench")
     model_name, steps, warmup = o.get("model", "small"), o.get("steps", 20), o.get("warmup", 3)
-    cfg = to_dict(compose([f"model={model_name}", "cluster=process", "parallelism=ddp",
-                           f"trainer.micro_batch_size={o.get('micro', 16)}",
-                           f"trainer.precision={o.get('precision', 'auto')}"]))
-    t = cfg["trainer"]
-    seq, micro = cfg["model"]["max_seq_len"], t["micro_batch_size"]
-    amp = eng.autocast_dtype(t["precision"])
+    # global_batch_size=0: accumulation 1, so the engine takes an optimizer step per micro batch like the plain loop
+    cfg = compose([f"model={model_name}", "cluster=process", "parallelism=ddp", "trainer.global_batch_size=0",
+                   f"trainer.micro_batch_size={o.get('micro', 16)}", f"trainer.precision={o.get('precision', 'auto')}"])
+    t = cfg.trainer
+    batch = batch_plan(cfg, 1)
+    seq, micro = batch.seq_len, batch.micro_batch_size
+    amp = eng.autocast_dtype(t.precision)
     autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else nullcontext
-    data = batches(cfg, steps + warmup, seq, micro)
-    args = ModelArgs.from_config(cfg["model"])
+    data = windows(cfg, steps + warmup, micro, seq)
     tokens = steps * micro * seq
 
     # 1. Plain PyTorch: forward, backward, clip, AdamW, scheduler.
     torch.manual_seed(0)
-    model = Transformer(args)
+    model = Transformer(cfg.model)
     torch_step = make_step(model, cfg)
 
     plain_s = time_steps(torch_step, data, warmup)
@@ -59,7 +53,7 @@ def main(argv):
     # 2. sheepop: the same model inside the DeepSpeed engine (world size 1, ZeRO stage 0).
     eng.init_distributed()
     torch.manual_seed(0)
-    engine = eng.build(Transformer(args), cfg, world_size=1)
+    engine = eng.build(Transformer(cfg.model), cfg, batch)
 
     def ds_step(w):
         with autocast():
@@ -70,10 +64,10 @@ def main(argv):
     ds_s = time_steps(ds_step, data, warmup)
     eng.shutdown()
 
-    fpt = flops_per_token(args, seq)
+    fpt = flops_per_token(cfg.model, seq)
     print(f"model={model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"micro batch {micro} × seq {seq}, precision {eng.precision_mode(t['precision'])} (plain PyTorch: "
-          f"{'bf16 autocast' if eng.compute_dtype(t['precision']) else 'fp32'}), {steps} timed steps, "
+          f"micro batch {micro} × seq {seq}, precision {eng.precision_mode(t.precision)} (plain PyTorch: "
+          f"{'bf16 autocast' if eng.compute_dtype(t.precision) else 'fp32'}), {steps} timed steps, "
           f"{torch.get_num_threads()} threads")
     print(f"{'loop':<28}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}")
     for name, secs in (("plain PyTorch", plain_s), ("sheepop (DeepSpeed engine)", ds_s)):

@@ -12,31 +12,32 @@ bf16-autocast keep fp32 weights, so stage 0 needs no master copy and the ratios 
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import torch
 import torch.multiprocessing as mp
 
-from sheepop.commands import parse_kv
+from sheepop.cli.args import parse_kv
+from sheepop.net import free_port
 
 STAGES = (0, 1, 2, 3)
 
 
-def _cfg(model: str, stage: int, world: int, precision: str) -> dict:
-    from sheepop.config import compose, to_dict
+def _cfg(model: str, stage: int, world: int, precision: str):
+    from sheepop.config import compose
 
-    return to_dict(compose([f"model={model}", f"parallelism.zero_stage={stage}", "cluster=local",
-                            f"trainer.precision={precision}",
-                            f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
-                            "trainer.global_batch_size=0"]))  # accumulation 1: every step is an optimizer step
+    return compose([f"model={model}", f"parallelism.zero_stage={stage}", "cluster=local",
+                    f"trainer.precision={precision}",
+                    f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
+                    "trainer.global_batch_size=0"])  # accumulation 1: every step is an optimizer step
 
 
 def _worker(rank: int, world: int, port: int, model: str, precision: str, queue) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), PYTHONWARNINGS="ignore::FutureWarning")
     torch.set_num_threads(1)
-    from sheepop.model import ModelArgs, Transformer
+    from sheepop.config import batch_plan
+    from sheepop.model.transformer import Transformer
     from sheepop.train import engine as eng
     from sheepop.train.memory import engine_bytes
 
@@ -45,8 +46,8 @@ def _worker(rank: int, world: int, port: int, model: str, precision: str, queue)
         for stage in STAGES:
             cfg = _cfg(model, stage, world, precision)
             torch.manual_seed(0)
-            e = eng.build(Transformer(ModelArgs.from_config(cfg["model"])), cfg, world)
-            x = torch.randint(0, cfg["model"]["vocab_size"], (2, 32))
+            e = eng.build(Transformer(cfg.model), cfg, batch_plan(cfg, world))
+            x = torch.randint(0, cfg.model.vocab_size, (2, 32))
             e.backward(e(x, x))
             after_backward = engine_bytes(e)
             e.step()
@@ -60,9 +61,7 @@ def _worker(rank: int, world: int, port: int, model: str, precision: str, queue)
 def main(argv: list[str]) -> None:
     o = parse_kv(argv, {"model": str, "workers": int, "precision": str}, "zero_memory")
     model, world, precision = o.get("model", "tiny"), o.get("workers", 2), o.get("precision", "bf16")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     queue = mp.get_context("spawn").Queue()
     mp.spawn(_worker, args=(world, port, model, precision, queue), nprocs=world, join=True)
     got: dict[int, dict] = {}
@@ -83,6 +82,7 @@ def main(argv: list[str]) -> None:
     worst = max(max(r["optimizer"] for r in got[s].values()) / base["optimizer"] for s in STAGES if s)
     print(f"optimizer state per rank, stages 1-3: at most {worst:.2f}× stage 0 (target ≤ 0.55×: "
           f"{'met' if worst <= 0.55 else 'NOT met'})")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])

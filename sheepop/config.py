@@ -4,7 +4,8 @@ Every YAML file under conf/<group>/ is validated against its group's dataclass (
 name `<group>_schema` in their defaults list), so a misspelt key or a wrong type fails at
 compose time. `compose()` turns Hydra's multi-line errors into one `UserError` line, and
 `validate()` checks what types alone cannot (ranges, combinations) before anything starts.
-Workers never see Hydra: they get the plain dict from `to_dict()`.
+`compose()` returns the typed `Config` (plain dataclasses, picklable): the driver and the
+workers read it by attribute, and never see Hydra. `to_dict()` gives the YAML-able form.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sheepop.errors import UserError
+from sheepop.model.config import ModelConfig
 
 GROUPS = ("model", "data", "tokenizer", "trainer", "parallelism", "cluster", "logger")
 
@@ -27,22 +29,6 @@ class RunConfig:
     name: str = "sheepop"  # run name: W&B run name, Ray Train run name
     dir: str = "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"  # everything the run writes goes here
     seed: int = 1337  # model init, data windows and sampling all derive from it
-
-
-@dataclass
-class ModelConfig:
-    name: str = MISSING  # preset name, e.g. tiny, small, gpt2-124m, llama-7b
-    vocab_size: int = 1024  # embedding rows; the tokenizer is trained to this size
-    d_model: int = 96  # residual stream width
-    n_layers: int = 3  # transformer blocks
-    n_heads: int = 4  # query heads; head_dim = d_model / n_heads
-    n_kv_heads: int = 2  # key/value heads (grouped-query attention); = n_heads is plain MHA
-    d_ff: int = 256  # SwiGLU hidden width
-    max_seq_len: int = 128  # context length: RoPE table size and training window
-    rope_theta: float = 10000.0  # RoPE base frequency
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    tie_embeddings: bool = True  # share token embedding and output head weights
-    init_std: float = 0.02  # normal init std; residual projections are scaled by 1/sqrt(2L)
 
 
 @dataclass
@@ -155,7 +141,8 @@ class ClusterConfig:
     storage_path: str = ""  # shared folder for checkpoints (<storage_path>/checkpoints); empty = run.dir
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
-    gpu: str = "h100-80gb"  # GPU type, for `sheepop plan`
+    gpu: str = "h100-80gb"  # GPU type, for `sheepop plan` (sheepop.perf.GPUS)
+    mfu: float = 0.4  # model FLOPs utilisation `sheepop plan` assumes for its time estimate
 
 
 @dataclass
@@ -218,8 +205,8 @@ def _free_form(override: str) -> str:
     return override
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """Hydra compose + validation; every failure becomes one UserError line."""
+def compose(overrides: list[str]) -> "Config":
+    """Hydra compose + validation → the typed Config; every failure becomes one UserError line."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -234,7 +221,7 @@ def compose(overrides: list[str]) -> DictConfig:
     except Exception as e:  # Hydra/OmegaConf raise many types; all mean "bad override"
         raise UserError(_explain(e, overrides)) from None
     validate(cfg)
-    return cfg
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
 
 def _explain(e: Exception, overrides: list[str]) -> str:
@@ -315,6 +302,7 @@ def validate(cfg: DictConfig) -> None:
     need(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
     for key in ("num_cpus", "cpus_per_worker"):
         need(c[key] >= 0, f"cluster.{key}={c[key]} must be >= 0 (0 = automatic)")
+    need(0 < c.mfu <= 1, f"cluster.mfu={c.mfu} must be in (0, 1]")
     need(c.gpus_per_worker >= 1, f"cluster.gpus_per_worker={c.gpus_per_worker} must be >= 1 (used when workers get GPUs)")
     # Checkpoints are read back with plain file APIs (resume=auto lists them, loading reads the shards).
     need("://" not in c.storage_path, f"cluster.storage_path={c.storage_path}: cloud URIs are not supported; "
@@ -353,41 +341,73 @@ def validate(cfg: DictConfig) -> None:
          f"trainer.resume={r}: no such checkpoint; valid: auto, never, or an existing checkpoint path")
 
 
-def batch_plan(cfg: dict, world_size: int) -> dict:
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's batch splits over a world size; decided once, by the driver."""
+
+    world_size: int  # ranks
+    micro_batch_size: int  # sequences per rank per forward pass
+    grad_accum_steps: int  # forward/backward passes per optimizer step
+    global_batch_size: int  # sequences per optimizer step = micro × accum × world
+    seq_len: int  # tokens per sequence (window)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_batch_size} × {self.seq_len} = {self.tokens_per_step:,} tokens/step "
+                f"({self.world_size} worker(s) × micro {self.micro_batch_size} × accum {self.grad_accum_steps})")
+
+
+def batch_plan(cfg: "Config", world_size: int) -> BatchPlan:
     """Micro batch, accumulation and global batch for a world size.
 
     With global_batch_size pinned, accumulation adapts to the number of workers, so the
     tokens per optimizer step stay the same when a run moves from 2 workers to 1.
     """
-    t = cfg["trainer"]
-    micro = t["micro_batch_size"]
-    if t["global_batch_size"]:
-        glob = t["global_batch_size"]
+    t = cfg.trainer
+    micro = t.micro_batch_size
+    if t.global_batch_size:
+        glob = t.global_batch_size
         if glob % (micro * world_size):
             raise UserError(f"trainer.global_batch_size={glob} is not a multiple of trainer.micro_batch_size={micro} "
                             f"× {world_size} worker(s); valid: a multiple of {micro * world_size}")
         accum = glob // (micro * world_size)
-        if t["grad_accum_steps"] and t["grad_accum_steps"] != accum:
-            raise UserError(f"trainer.grad_accum_steps={t['grad_accum_steps']} contradicts global_batch_size={glob} "
+        if t.grad_accum_steps and t.grad_accum_steps != accum:
+            raise UserError(f"trainer.grad_accum_steps={t.grad_accum_steps} contradicts global_batch_size={glob} "
                             f"(= micro {micro} × {world_size} worker(s) × {accum}); set one of them to 0")
     else:
-        accum = t["grad_accum_steps"] or 1  # accumulation pinned: the global batch grows with workers
+        accum = t.grad_accum_steps or 1  # accumulation pinned: the global batch grows with workers
         glob = micro * accum * world_size
-    seq = t["seq_len"] or cfg["model"]["max_seq_len"]
-    return {"micro_batch_size": micro, "grad_accum_steps": accum, "global_batch_size": glob,
-            "seq_len": seq, "tokens_per_step": glob * seq}
+    return BatchPlan(world_size=world_size, micro_batch_size=micro, grad_accum_steps=accum, global_batch_size=glob,
+                     seq_len=t.seq_len or cfg.model.max_seq_len)
 
 
-def to_dict(cfg: DictConfig) -> dict:
-    """The plain, fully resolved dict that workers get."""
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+def to_dict(cfg: "Config") -> dict:
+    """The plain dict of a Config (for YAML and W&B)."""
+    import dataclasses
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # type: ignore[return-value]
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict) -> "Config":
+    """A Config from a saved config.yaml's dict (checked against the schema like a composed one)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), d))  # type: ignore[return-value]
+    except Exception as e:
+        raise UserError(f"saved config does not match this sheepop's schema: {str(e).splitlines()[0]}") from None
 
 
 SECRET_PATTERN = re.compile(r"(api[_-]?key|(^|[_-])token$|secret|password)", re.I)  # not tokenizer, shard_tokens
 
 
 def redact(obj: Any) -> Any:
-    """Copy of a config dict with secret-looking keys masked (for saved configs and W&B)."""
+    """Copy of a config (dict or Config) with secret-looking keys masked (for saved configs and W&B)."""
+    if isinstance(obj, Config):
+        obj = to_dict(obj)
     if isinstance(obj, dict):
         return {k: ("***" if SECRET_PATTERN.search(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):

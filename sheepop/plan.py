@@ -1,11 +1,12 @@
-"""`sheepop plan [overrides]`: what a run costs before it starts (nothing is allocated).
+"""What a run costs before it starts (nothing is allocated): the logic of `sheepop plan`
+(sheepop.cli.plan) and of the fit check `sheepop submit` runs.
 
 Parameters and FLOPs come from the model's shape; memory per GPU from a model of what
 sheepop's training actually holds on each rank:
 
   The default precision (bf16) is DeepSpeed's bf16 mode with torch AdamW as the client
   optimizer; bf16-autocast and fp32 keep fp32 weights. Measured from DeepSpeed 0.19 engines
-  (tests/test_plan.py), per parameter:
+  (tests/unit/test_plan.py), per parameter:
                   bf16                        bf16-autocast / fp32
     weights       2 B                         4 B                       ÷N at ZeRO-3
     gradients     2 B                         4 B                       ÷N at ZeRO ≥ 1 (reduced
@@ -22,43 +23,34 @@ sheepop's training actually holds on each rank:
   weights (offload_params, ZeRO-3) to CPU memory.
 
 Time: FLOPs per token (PaLM-style: 6 × matmul params + attention) × tokens ÷ (GPUs × peak
-bf16 dense FLOP/s × MFU).
+bf16 dense FLOP/s × cluster.mfu). GPU memory and peaks come from sheepop.perf.GPUS.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sheepop.errors import UserError
+from sheepop.perf import GPU, GPUS
+from sheepop.units import duration, human
+
+if TYPE_CHECKING:
+    from sheepop.config import Config
+    from sheepop.model.config import ModelConfig
 
 GIB = 1024**3
-
-
-@dataclass(frozen=True)
-class GPU:
-    memory_gib: float  # what nvidia-smi reports as total
-    bf16_tflops: float  # dense (no sparsity) bf16 tensor-core peak, vendor datasheet
-
-
-GPUS: dict[str, GPU] = {
-    "h100-80gb": GPU(79.6, 989.0),  # SXM
-    "h100-pcie": GPU(79.6, 756.0),
-    "h200": GPU(140.4, 989.0),
-    "a100-80gb": GPU(80.0, 312.0),
-    "a100-40gb": GPU(40.0, 312.0),
-    "l40s": GPU(45.0, 362.0),
-    "l4": GPU(22.5, 121.0),
-    "a10g": GPU(22.5, 70.0),
-}
-
-DEFAULT_MFU = 0.4
 RESERVED_GIB = 1.5  # CUDA context, allocator and NCCL workspaces
 USABLE_FRACTION = 0.92  # the caching allocator's fragmentation
 
 
+def plannable() -> list[str]:
+    """The cluster.gpu names `sheepop plan` knows the memory of."""
+    return [name for name, gpu in GPUS.items() if gpu.memory_gib is not None]
+
+
 def gpu_spec(name: str) -> GPU:
-    if name not in GPUS:
-        raise UserError(f"cluster.gpu={name}: unknown GPU type; valid: {', '.join(GPUS)}")
+    if name not in plannable():
+        what = "its memory size is not in sheepop.perf.GPUS" if name in GPUS else "unknown GPU type"
+        raise UserError(f"cluster.gpu={name}: {what}; valid: {', '.join(plannable())}")
     return GPUS[name]
 
 
@@ -73,12 +65,12 @@ def usable_bytes(gpu: GPU) -> float:
 MODES = ("bf16", "bf16-autocast", "fp32")  # trainer.precision once `auto` is resolved (engine.precision_mode)
 
 
-def activation_bytes(args, micro: int, seq: int, precision: str) -> dict[str, float]:
+def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str) -> dict[str, float]:
     """Bytes of one micro-batch's activations: `saved` (kept for backward, counted from what
-    autograd saves in sheepop's Transformer: see tests/test_plan.py) and `transient` (the
+    autograd saves in sheepop's Transformer: see tests/unit/test_plan.py) and `transient` (the
     logits' output and fp32 gradient at the peak of backward)."""
-    d, f, V, L = args.d_model, args.d_ff, args.vocab_size, args.n_layers
-    kv = args.n_kv_heads * args.head_dim
+    d, f, V, L = model.d_model, model.d_ff, model.vocab_size, model.n_layers
+    kv = model.n_kv_heads * model.head_dim
     b = 4 if precision == "fp32" else 2  # bytes of a matmul output
     if precision == "bf16":
         # Each RMSNorm saves its fp32 upcast (4d), the bf16 normalised value (2d) and the
@@ -90,7 +82,7 @@ def activation_bytes(args, micro: int, seq: int, precision: str) -> dict[str, fl
         # feeds the linears, which under autocast each cast it to bf16 apart (q/k/v: 3, w1/w3: 2).
         norms = 16 * d + (10 * d if precision == "bf16-autocast" else 8 * d)
         head_norm = 8 * d + b * d
-    attn = b * d + b * kv + b * kv + b * d + b * d + 4 * args.n_heads  # rope'd q, k; v; SDPA out + lse; wo input
+    attn = b * d + b * kv + b * kv + b * d + b * d + 4 * model.n_heads  # rope'd q, k; v; SDPA out + lse; wo input
     mlp = 4 * b * f  # w1 out, w3 out, silu out, their product
     per_token_layer = norms + attn + mlp
     head = head_norm + 4 * V + 8  # final norm (+ head input), fp32 log-softmax, token ids
@@ -99,16 +91,16 @@ def activation_bytes(args, micro: int, seq: int, precision: str) -> dict[str, fl
     return {"saved": saved, "transient": tokens * V * (b + 4)}
 
 
-def memory(args, *, stage: int, world: int, micro: int, seq: int, precision: str = "bf16",
+def memory(model: ModelConfig, *, stage: int, world: int, micro: int, seq: int, precision: str = "bf16",
            offload_optimizer: bool = False, offload_params: bool = False, reduce_bucket_size: int = 50_000_000,
            overlap_comm: bool = True) -> dict:
     """Bytes per rank on the GPU (params, grads, optimizer, buffers, activations, total) and
     in CPU memory (cpu) for one ZeRO configuration. precision: one of MODES."""
-    from sheepop.model import num_params
+    from sheepop.model.transformer import num_params
 
     if precision not in MODES:
         raise ValueError(f"precision={precision}; valid: {', '.join(MODES)}")
-    n = num_params(args)
+    n = num_params(model)
     shard = world if world > 1 else 1
     w = 2 if precision == "bf16" else 4  # bytes per weight and per gradient element
     params = w * n / (shard if stage == 3 else 1)
@@ -121,11 +113,11 @@ def memory(args, *, stage: int, world: int, micro: int, seq: int, precision: str
     if stage in (1, 2):
         buffers = reduce_bucket_size * w * (2 if overlap_comm else 1)
     elif stage == 3:
-        d, hd = args.d_model, args.head_dim
-        block = 2 * d * hd * (args.n_heads + args.n_kv_heads) + 3 * d * args.d_ff + 2 * d  # one layer
-        buffers = reduce_bucket_size * w + 2 * w * max(block, args.vocab_size * args.d_model)
+        d, hd = model.d_model, model.head_dim
+        block = 2 * d * hd * (model.n_heads + model.n_kv_heads) + 3 * d * model.d_ff + 2 * d  # one layer
+        buffers = reduce_bucket_size * w + 2 * w * max(block, model.vocab_size * model.d_model)
     buffers = min(buffers, w * n * 2)  # buckets never exceed what they carry
-    act = activation_bytes(args, micro, seq, precision)
+    act = activation_bytes(model, micro, seq, precision)
     weight_copies = 2 * n if precision == "bf16-autocast" else 0  # autocast's bf16 casts, saved for backward
     cpu = 0.0
     if offload_optimizer:
@@ -146,102 +138,87 @@ def memory(args, *, stage: int, world: int, micro: int, seq: int, precision: str
 # The plan of one config
 
 
-def _plain(cfg) -> dict:
-    if isinstance(cfg, dict):
-        return cfg
-    from sheepop.config import to_dict
-
-    return to_dict(cfg)
+def _precision(cfg: Config) -> str:
+    p = cfg.trainer.precision
+    return "bf16" if p == "auto" else p  # every GPU `sheepop plan` knows has bf16
 
 
-def _precision(cfg: dict) -> str:
-    p = cfg["trainer"]["precision"]
-    return "bf16" if p == "auto" else p  # every GPU in GPUS has bf16
-
-
-def _mem_for(cfg: dict, *, stage: int | None = None, world: int | None = None, micro: int | None = None,
+def _mem_for(cfg: Config, *, stage: int | None = None, world: int | None = None, micro: int | None = None,
              offload_optimizer: bool | None = None, offload_params: bool | None = None) -> dict:
-    from sheepop.model import ModelArgs
-
-    p = cfg["parallelism"]
-    world = world or cfg["cluster"]["num_workers"]
-    seq = cfg["trainer"]["seq_len"] or cfg["model"]["max_seq_len"]
-    return memory(ModelArgs.from_config(cfg["model"]),
-                  stage=p["zero_stage"] if stage is None else stage, world=world,
-                  micro=micro or cfg["trainer"]["micro_batch_size"], seq=seq, precision=_precision(cfg),
-                  offload_optimizer=p["offload_optimizer"] if offload_optimizer is None else offload_optimizer,
-                  offload_params=p["offload_params"] if offload_params is None else offload_params,
-                  reduce_bucket_size=p["reduce_bucket_size"], overlap_comm=p["overlap_comm"])
+    p, t = cfg.parallelism, cfg.trainer
+    return memory(cfg.model, stage=p.zero_stage if stage is None else stage, world=world or cfg.cluster.num_workers,
+                  micro=micro or t.micro_batch_size, seq=t.seq_len or cfg.model.max_seq_len, precision=_precision(cfg),
+                  offload_optimizer=p.offload_optimizer if offload_optimizer is None else offload_optimizer,
+                  offload_params=p.offload_params if offload_params is None else offload_params,
+                  reduce_bucket_size=p.reduce_bucket_size, overlap_comm=p.overlap_comm)
 
 
-def _settings(cfg: dict) -> str:
-    p = cfg["parallelism"]
-    s = f"ZeRO-{p['zero_stage']}"
-    s += " + optimizer offload" if p["offload_optimizer"] else ""
-    s += " + param offload" if p["offload_params"] else ""
-    return f"{s}, micro batch {cfg['trainer']['micro_batch_size']}, {cfg['cluster']['num_workers']} × {cfg['cluster']['gpu']}"
+def _settings(cfg: Config) -> str:
+    p = cfg.parallelism
+    s = f"ZeRO-{p.zero_stage}"
+    s += " + optimizer offload" if p.offload_optimizer else ""
+    s += " + param offload" if p.offload_params else ""
+    return f"{s}, micro batch {cfg.trainer.micro_batch_size}, {cfg.cluster.num_workers} × {cfg.cluster.gpu}"
 
 
-def alternatives(cfg: dict) -> list[str]:
+def alternatives(cfg: Config) -> list[str]:
     """Overrides that would make the run fit, cheapest first (each one a complete suggestion)."""
-    gpu = gpu_spec(cfg["cluster"]["gpu"])
-    limit = usable_bytes(gpu)
-    p, t = cfg["parallelism"], cfg["trainer"]
-    world, micro = cfg["cluster"]["num_workers"], t["micro_batch_size"]
+    limit = usable_bytes(gpu_spec(cfg.cluster.gpu))
+    p, t = cfg.parallelism, cfg.trainer
+    world, micro = cfg.cluster.num_workers, t.micro_batch_size
     out: list[str] = []
 
     def fits(**kw) -> bool:
         return _mem_for(cfg, **kw)["total"] <= limit
 
     def valid(w: int, m: int) -> bool:  # a pinned global batch must split into micro batches on w GPUs
-        return not t["global_batch_size"] or t["global_batch_size"] % (m * w) == 0
+        return not t.global_batch_size or t.global_batch_size % (m * w) == 0
 
     # Same GPUs and batch, more sharding / offload.
     ladder = [(s, False, False) for s in (1, 2, 3)] + [(2, True, False), (3, True, False), (3, True, True)]
     for stage, off_o, off_p in ladder:
-        if (stage, off_o, off_p) <= (p["zero_stage"], p["offload_optimizer"], p["offload_params"]):
+        if (stage, off_o, off_p) <= (p.zero_stage, p.offload_optimizer, p.offload_params):
             continue
         if fits(stage=stage, offload_optimizer=off_o, offload_params=off_p):
             out.append(f"parallelism.zero_stage={stage}" + (" parallelism.offload_optimizer=true" if off_o else "")
                        + (" parallelism.offload_params=true" if off_p else ""))
             break
     # Smaller micro batch at the chosen and at the strongest in-GPU stage (accumulation keeps the batch).
-    for stage in sorted({p["zero_stage"], 3}):
+    for stage in sorted({p.zero_stage, 3}):
         m = micro - 1
         while m >= 1 and not (valid(world, m) and fits(stage=stage, micro=m)):
             m -= 1
         if m >= 1:
             # A pinned global batch keeps itself (accumulation adapts); otherwise keep tokens per step.
-            accum = t["grad_accum_steps"] or 1
+            accum = t.grad_accum_steps or 1
             keep = (f" trainer.grad_accum_steps={accum * micro // m}"
-                    if not t["global_batch_size"] and (accum * micro) % m == 0 else "")
-            out.append((f"parallelism.zero_stage={stage} " if stage != p["zero_stage"] else "")
+                    if not t.global_batch_size and (accum * micro) % m == 0 else "")
+            out.append((f"parallelism.zero_stage={stage} " if stage != p.zero_stage else "")
                        + f"trainer.micro_batch_size={m}{keep}")
             break
     # More GPUs (ZeRO-3 shards everything but activations).
-    for stage in sorted({max(p["zero_stage"], 1), 3}):
+    for stage in sorted({max(p.zero_stage, 1), 3}):
         w = world * 2
         while w <= 4096 and not (valid(w, micro) and fits(stage=stage, world=w)):
             w *= 2
         if w <= 4096:
-            out.append(f"cluster.num_workers={w}" + (f" parallelism.zero_stage={stage}" if stage != p["zero_stage"] else ""))
+            out.append(f"cluster.num_workers={w}" + (f" parallelism.zero_stage={stage}" if stage != p.zero_stage else ""))
             break
     return out
 
 
-def check_fits(cfg) -> tuple[bool, str]:
+def check_fits(cfg: Config) -> tuple[bool, str]:
     """(ok, one-paragraph message): does the run fit in cluster.gpu's memory per rank?
 
-    `cfg` is the composed config (DictConfig or the plain dict). Raises UserError for an
-    unknown cluster.gpu. Used by `sheepop plan` and `sheepop submit` (which refuses unless forced).
+    `cfg` is the composed Config. Raises UserError for an unknown cluster.gpu. Used by
+    `sheepop plan` and `sheepop submit` (which refuses unless forced).
     """
-    cfg = _plain(cfg)
-    gpu = gpu_spec(cfg["cluster"]["gpu"])
-    mem = _mem_for(cfg)
+    gpu = gpu_spec(cfg.cluster.gpu)
+    total = _mem_for(cfg)["total"]
     limit = usable_bytes(gpu)
-    need = f"{mem['total'] / GIB:.1f} GiB per GPU"
-    have = f"{limit / GIB:.1f} GiB usable on one {cfg['cluster']['gpu']} ({gpu.memory_gib:g} GiB)"
-    if mem["total"] <= limit:
+    need = f"{total / GIB:.1f} GiB per GPU"
+    have = f"{limit / GIB:.1f} GiB usable on one {cfg.cluster.gpu} ({gpu.memory_gib:g} GiB)"
+    if total <= limit:
         return True, f"fits: {need} of {have} ({_settings(cfg)})"
     alts = alternatives(cfg)
     msg = f"does not fit: {need} > {have} ({_settings(cfg)})"
@@ -249,21 +226,19 @@ def check_fits(cfg) -> tuple[bool, str]:
     return False, msg
 
 
-def summary(cfg, mfu: float = DEFAULT_MFU) -> dict:
-    """Everything `sheepop plan` prints, as numbers."""
+def summary(cfg: Config) -> dict:
+    """Everything `sheepop plan` prints, as numbers (batch: the BatchPlan; time at cluster.mfu)."""
     from sheepop.config import batch_plan
-    from sheepop.model import ModelArgs, flops_per_token, num_params
+    from sheepop.model.transformer import flops_per_token, num_params
 
-    cfg = _plain(cfg)
-    gpu = gpu_spec(cfg["cluster"]["gpu"])
-    args = ModelArgs.from_config(cfg["model"])
-    world = cfg["cluster"]["num_workers"]
+    gpu = gpu_spec(cfg.cluster.gpu)
+    model, world, steps, mfu = cfg.model, cfg.cluster.num_workers, cfg.trainer.max_steps, cfg.cluster.mfu
     bp = batch_plan(cfg, world)
-    total = num_params(args)
-    embedding = args.vocab_size * args.d_model
-    fpt = flops_per_token(args, bp["seq_len"])
-    tokens = bp["tokens_per_step"] * cfg["trainer"]["max_steps"]
-    seconds = fpt * tokens / (world * gpu.bf16_tflops * 1e12 * mfu)
+    total = num_params(model)
+    embedding = model.vocab_size * model.d_model
+    fpt = flops_per_token(model, bp.seq_len)
+    tokens = bp.tokens_per_step * steps
+    seconds = fpt * tokens / (world * gpu.bf16 * mfu)
     stages = {}
     for stage in (0, 1, 2, 3):
         stages[f"zero{stage}"] = _mem_for(cfg, stage=stage, offload_optimizer=False, offload_params=False)
@@ -272,42 +247,24 @@ def summary(cfg, mfu: float = DEFAULT_MFU) -> dict:
                                                       offload_params=stage == 3)
     ok, message = check_fits(cfg)
     return {"params": total, "embedding_params": embedding, "non_embedding_params": total - embedding,
-            "flops_per_token": fpt, "batch": bp, "steps": cfg["trainer"]["max_steps"], "tokens": tokens,
-            "gpu": cfg["cluster"]["gpu"], "world": world, "usable_gib": usable_bytes(gpu) / GIB,
+            "flops_per_token": fpt, "batch": bp, "steps": steps, "tokens": tokens,
+            "gpu": cfg.cluster.gpu, "world": world, "usable_gib": usable_bytes(gpu) / GIB,
             "mfu": mfu, "seconds": seconds, "gpu_hours": seconds * world / 3600, "memory": stages,
             "chosen": _mem_for(cfg), "fits": ok, "message": message}
 
 
-def _human(n: float) -> str:
-    for unit, k in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= k:
-            return f"{n / k:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.0f} min"
-    if s < 3 * 86400:
-        return f"{s / 3600:.1f} h"
-    return f"{s / 86400:.1f} days"
-
-
-def render(s: dict, cfg: dict) -> str:
-    bp = s["batch"]
-    p = cfg["parallelism"]
-    chosen = f"zero{p['zero_stage']}" + ("+offload" if p["offload_optimizer"] or p["offload_params"] else "")
+def render(s: dict, cfg: Config) -> str:
+    bp, p = s["batch"], cfg.parallelism
+    chosen = f"zero{p.zero_stage}" + ("+offload" if p.offload_optimizer or p.offload_params else "")
     big = max(m["total"] for m in s["memory"].values()) >= GIB
     unit, unit_name = (GIB, "GiB") if big else (1024**2, "MiB")
     lines = [
-        f"model {cfg['model']['name']}: {s['params']:,} parameters ({_human(s['params'])}): "
+        f"model {cfg.model.name}: {s['params']:,} parameters ({human(s['params'])}): "
         f"embedding {s['embedding_params']:,} (token table), non-embedding {s['non_embedding_params']:,}",
-        f"FLOPs per token (train, fwd+bwd): {_human(s['flops_per_token'])}",
-        f"batch: {bp['global_batch_size']} sequences × {bp['seq_len']} tokens = {bp['tokens_per_step']:,} tokens per "
-        f"optimizer step (micro {bp['micro_batch_size']} × accum {bp['grad_accum_steps']} × {s['world']} GPUs)",
-        f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({_human(s['tokens'])})",
+        f"FLOPs per token (train, fwd+bwd): {human(s['flops_per_token'], 'FLOP')}",
+        f"batch: {bp.global_batch_size} sequences × {bp.seq_len} tokens = {bp.tokens_per_step:,} tokens per "
+        f"optimizer step (micro {bp.micro_batch_size} × accum {bp.grad_accum_steps} × {s['world']} GPUs)",
+        f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({human(s['tokens'])})",
         "",
         f"memory per GPU, {unit_name} ({s['world']} × {s['gpu']}, {s['usable_gib']:.1f} GiB usable; "
         f"{_precision(cfg)}, AdamW):",
@@ -323,57 +280,9 @@ def render(s: dict, cfg: dict) -> str:
     lines += [
         "  (offload rows: ZeRO-1/2 offload the optimizer; ZeRO-3 offloads optimizer and parameters)",
         "",
-        f"time at {s['mfu']:.0%} MFU ({_human(GPUS[s['gpu']].bf16_tflops * 1e12)}FLOP/s bf16 peak per GPU): "
-        f"{_duration(s['seconds'])} wall, {s['gpu_hours']:,.1f} GPU-hours",
+        f"time at {s['mfu']:.0%} MFU (cluster.mfu; {human(GPUS[s['gpu']].bf16, 'FLOP/s')} bf16 peak per GPU): "
+        f"{duration(s['seconds'])} wall, {s['gpu_hours']:,.1f} GPU-hours",
         "",
         s["message"],
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
-        print("usage: sheepop plan [hydra overrides] [mfu=0.4]\n"
-              "  e.g. sheepop plan model=llama-7b cluster.gpu=a100-80gb cluster.num_workers=8 parallelism=zero3\n"
-              f"  GPU types (cluster.gpu): {', '.join(GPUS)}")
-        return 0
-    mfu = DEFAULT_MFU
-    overrides = []
-    for a in argv:
-        if a.startswith("mfu="):
-            try:
-                mfu = float(a[4:])
-            except ValueError:
-                raise UserError(f"{a}: expected a number in (0, 1]") from None
-            if not 0 < mfu <= 1 or math.isnan(mfu):
-                raise UserError(f"{a}: MFU must be in (0, 1]")
-        else:
-            overrides.append(a)
-    cfg, note = compose_for_plan(overrides)
-    gpu_spec(cfg["cluster"]["gpu"])
-    print(render(summary(cfg, mfu), cfg) + (f"\nnote: {note}" if note else ""))
-    return 0
-
-
-def compose_for_plan(overrides: list[str]) -> tuple[dict, str]:
-    """The composed config; when the global batch does not split into micro batches on this many
-    GPUs (the presets' global batch of 16 on 8 GPUs), plan it with the largest micro batch that
-    keeps the global batch, and say so, rather than refuse."""
-    from sheepop.config import compose, to_dict
-
-    try:
-        return to_dict(compose(overrides)), ""
-    except UserError as e:
-        if not str(e).startswith("trainer.global_batch_size="):
-            raise
-        one = to_dict(compose([*overrides, "cluster.num_workers=1"]))
-        glob, micro = one["trainer"]["global_batch_size"], one["trainer"]["micro_batch_size"]
-        workers = int(next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("cluster.num_workers=")),
-                           one["cluster"]["num_workers"]))
-        if glob % workers:
-            raise
-        per_gpu = glob // workers
-        m = max(d for d in range(1, min(micro, per_gpu) + 1) if per_gpu % d == 0)
-        cfg = to_dict(compose([*overrides, f"trainer.micro_batch_size={m}"]))
-        return cfg, (f"trainer.global_batch_size={glob} does not split into micro batches of {micro} on {workers} "
-                     f"GPUs: planned with trainer.micro_batch_size={m} (pass it to `sheepop train` too)")

@@ -65,15 +65,15 @@ class Executor:
         import ray
 
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            from sheepop import compat
+
+            compat.ray_local_env()
             c = self.cluster_cfg
             if c.get("kind") == "ray":
                 ray.init(address=c.get("address") or os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING")
             else:
-                from sheepop.net import ray_loopback_only
-
                 cpus = c.get("num_cpus") or max(os.cpu_count() or 1, self.num_workers)
-                env = ray_loopback_only()
+                env = compat.ray_loopback_only()
                 ray.init(address="local", num_cpus=cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
                          runtime_env={"env_vars": env} if env else None, logging_level="WARNING",
                          configure_logging=True)

@@ -23,15 +23,16 @@ from pathlib import Path
 from filelock import FileLock
 
 from sheepop.data import ingest, tokenizer as toklib
-from sheepop.data.pipeline import MANIFEST_VERSION, build, is_val  # noqa: F401  (is_val: public helper)
+from sheepop.data.pipeline import MANIFEST_VERSION, build
 from sheepop.errors import UserError
 
 # Settings that change how fast the shards are made, never what they hold.
 NOT_CONTENT = ("out_dir", "num_workers")
 
 
-def fingerprint(cfg: dict) -> str:
-    """Hash of everything that decides the shards' content."""
+def fingerprint(cfg) -> str:
+    """Hash of everything that decides the shards' content (cfg: a Config or its plain dict)."""
+    cfg = _plain(cfg)
     data = {k: v for k, v in cfg["data"].items() if k not in NOT_CONTENT}
     tok = dict(cfg["tokenizer"])
     h = hashlib.sha256(json.dumps([MANIFEST_VERSION, data, tok], sort_keys=True).encode())
@@ -52,11 +53,22 @@ def load_manifest(out_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def prepare(cfg: dict, log=print, progress: bool | None = None) -> dict:
-    """Prepare cfg['data'] with cfg['tokenizer'] into data.out_dir (or reuse it); returns the manifest.
+def _plain(cfg) -> dict:
+    """The pipeline works on plain dicts: they are what it pickles to Ray Data actors and hashes."""
+    if isinstance(cfg, dict):
+        return cfg
+    from sheepop.config import to_dict
 
-    progress: rich bars per stage (None: when stderr is a terminal).
+    return to_dict(cfg)
+
+
+def prepare(cfg, log=print, progress: bool | None = None) -> dict:
+    """Prepare data.* with tokenizer.* of a Config into data.out_dir (or reuse it); returns the manifest.
+
+    Only the driver (and `sheepop prepare`) calls this; training workers verify what it made
+    (verify_prepared) and never prepare. progress: rich bars per stage (None: when stderr is a terminal).
     """
+    cfg = _plain(cfg)
     out = Path(cfg["data"]["out_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
@@ -81,3 +93,33 @@ def prepare(cfg: dict, log=print, progress: bool | None = None) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         work.rename(out)
     return manifest
+
+
+def verify_prepared(out_dir: str | Path, manifest: dict, where: str = "") -> None:
+    """Check, on a training worker, that data.out_dir holds the data the driver prepared: the same
+    manifest fingerprint and every shard at its recorded size. One UserError line otherwise; a
+    worker never runs the curation pipeline itself (it could take hours, on every node)."""
+    out = Path(out_dir)
+    here = f" on {where}" if where else ""
+    path = out / "manifest.json"
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"data.out_dir={out}: no prepared data{here} (no readable manifest.json); training "
+                        "workers do not prepare data: put data.out_dir on storage every node sees, or run "
+                        "`sheepop prepare` with the same data.out_dir on every node") from None
+    if found.get("fingerprint") != manifest.get("fingerprint"):
+        raise UserError(f"data.out_dir={out}{here} holds other data (fingerprint {found.get('fingerprint')}, the "
+                        f"driver prepared {manifest.get('fingerprint')}); valid: the same prepared folder on every node")
+    import numpy as np
+
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            f = out / shard["file"]
+            size = f.stat().st_size if f.is_file() else -1
+            expected = shard["tokens"] * itemsize
+            if size != expected:
+                raise UserError(f"data.out_dir={out}{here}: shard {shard['file']} is "
+                                + ("missing" if size < 0 else f"{size} bytes, the manifest says {expected}")
+                                + "; prepare the data again (`sheepop prepare`)")

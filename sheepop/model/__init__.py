@@ -1,3 +1,4 @@
-from sheepop.model.transformer import ModelArgs, Transformer, KVCache, num_params, flops_per_token
+"""The model: its shape (config.py, no torch), the Transformer, generation, the HF mapping.
 
-__all__ = ["ModelArgs", "Transformer", "KVCache", "num_params", "flops_per_token"]
+Import from the modules themselves (`sheepop.model.transformer`); this package imports
+nothing, so reading a ModelConfig never loads torch."""

@@ -10,12 +10,15 @@ import warnings
 
 import torch
 
-from sheepop.errors import UserError
 from sheepop.model.transformer import KVCache, Transformer
 
 
+class PromptError(ValueError):
+    """A prompt the model cannot see as written (the CLI turns it into one line)."""
+
+
 def encode_prompt(tok, prompt: str, vocab_size: int) -> list[int]:
-    """Token ids of a prompt, or a UserError naming the characters the tokenizer cannot encode.
+    """Token ids of a prompt, or a PromptError naming the characters the tokenizer cannot encode.
 
     sheepop's byte-level BPE encodes any string; a tokenizer brought with tokenizer.path may
     not (no byte fallback): it drops characters or maps them to its unknown token. Either way
@@ -34,13 +37,30 @@ def encode_prompt(tok, prompt: str, vocab_size: int) -> list[int]:
     bad = sorted({c for c in prompt if not c.isspace() and lost(c)}) if lost(prompt) else []
     if bad:
         shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in bad[:8])
-        raise UserError(f"prompt has characters outside the tokenizer's vocabulary: {shown}")
+        raise PromptError(f"prompt has characters outside the tokenizer's vocabulary: {shown}")
     outside = [t for t in ids if t >= vocab_size]
     if outside:
-        raise UserError(f"prompt encodes to ids {outside[:5]} outside the model's vocabulary of {vocab_size}")
+        raise PromptError(f"prompt encodes to ids {outside[:5]} outside the model's vocabulary of {vocab_size}")
     if not ids:
-        raise UserError("prompt is empty; give at least one character (e.g. prompt='def ')")
+        raise PromptError("prompt is empty; give at least one character (e.g. prompt='def ')")
     return ids
+
+
+def heal_prompt(tok, ids: list[int]) -> tuple[list[int], list[int] | None, str]:
+    """Token healing: (prompt ids without their last token, the token ids the first new token
+    may take, the text of the dropped token).
+
+    BPE merges a trailing space or partial word into the next token during training ("def " is
+    seen as "def" + " foo"), so a prompt that ends mid-token asks the model for a token boundary
+    it rarely saw and the sample starts oddly (`def  3`). Backing up one token and letting the
+    first new token be any token that starts with the dropped text repairs that boundary."""
+    if len(ids) < 2:
+        return ids, None, ""
+    tail = tok.decode([ids[-1]])
+    if not tail:
+        return ids, None, ""
+    allowed = [i for i in range(tok.get_vocab_size()) if tok.decode([i]).startswith(tail)]
+    return ids[:-1], allowed or None, tail
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -65,8 +85,11 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, use_cache: bool = True, pad_id: int = 0,
-             eos_id: int | None = None, seed: int | None = None) -> list[list[int]]:
+             eos_id: int | None = None, seed: int | None = None,
+             first_allowed: list[int] | None = None) -> list[list[int]]:
     """Continue each prompt; returns only the new tokens of each (stopping at eos_id).
+
+    first_allowed: the token ids the first new token is restricted to (token healing, see heal_prompt).
 
     Prompts of different lengths are left-padded; an attention mask hides the padding and
     positions count from each prompt's first real token, so a batched prompt generates
@@ -90,7 +113,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     out: list[list[int]] = [[] for _ in range(B)]
     cache = KVCache(model.args.n_layers, max_len=L + max_new_tokens) if use_cache else None
     step_input = tokens
-    for _ in range(max_new_tokens):
+    for i_new in range(max_new_tokens):
         S = tokens.shape[1]  # keys visible so far
         T = step_input.shape[1]
         q_pos = torch.arange(S - T, S, device=device)
@@ -99,7 +122,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         mask = (keys[None, None, :] <= q_pos[None, :, None]) & (keys[None, None, :] >= pads[:, None, None])
         positions = (q_pos[None, :] - pads[:, None]).clamp(min=0)
         logits = model(step_input, cache=cache, positions=positions, mask=mask[:, None])
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        last = logits[:, -1]
+        if first_allowed is not None and i_new == 0:
+            keep = torch.full_like(last, float("-inf"))
+            keep[:, first_allowed] = 0.0
+            last = last + keep
+        nxt = sample_next(last, temperature, top_k, top_p, gen)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         for i in range(B):
             if not done[i]:
@@ -114,3 +142,16 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         out = [o[: o.index(eos_id)] if eos_id in o else o for o in out]
     return out
 
+
+
+def complete(model: Transformer, tok, ids: list[int], max_new_tokens: int, *, num_samples: int = 1,
+             heal: bool = True, **kwargs) -> list[str]:
+    """Texts of `num_samples` continuations of the prompt ids (prompt included), with token
+    healing unless heal=False. kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
+    allowed = None
+    if heal:
+        ids, allowed, _ = heal_prompt(tok, ids)
+    max_new_tokens = max(1, min(max_new_tokens, model.args.max_seq_len - len(ids) - 1))
+    outs = generate(model, [ids] * num_samples, max_new_tokens, first_allowed=allowed,
+                    eos_id=tok.token_to_id("<|endoftext|>"), **kwargs)
+    return [tok.decode(ids + out) for out in outs]

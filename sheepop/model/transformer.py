@@ -8,36 +8,12 @@ Nothing here knows about DeepSpeed, Ray or W&B: the engine wraps this module.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class ModelArgs:
-    vocab_size: int = 1024
-    d_model: int = 96
-    n_layers: int = 3
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    d_ff: int = 256
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = True
-    init_std: float = 0.02
-
-    @classmethod
-    def from_config(cls, model_cfg: dict) -> "ModelArgs":
-        """Take the fields we know from a config dict (it also holds e.g. the preset name)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in model_cfg.items() if k in names})
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+from sheepop.model.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -52,10 +28,13 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_seq_len, head_dim/2) for rotary position embeddings."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+def rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the rotary angles at `positions` ((T,) or (B, T)) → (..., head_dim/2), in fp32.
+
+    Computed in each forward rather than kept as buffers: a bf16 cast of the module (DeepSpeed's
+    bf16 mode) would round stored angles, and (T × head_dim/2) cosines cost nothing next to a matmul."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    angles = positions.float()[..., None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -103,7 +82,7 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, args.n_heads, args.n_kv_heads, args.head_dim
         self.wq = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=False)
@@ -131,7 +110,7 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(args.d_model, args.d_ff, bias=False)  # gate
         self.w3 = nn.Linear(args.d_model, args.d_ff, bias=False)  # up
@@ -142,7 +121,7 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer: int):
+    def __init__(self, args: ModelConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(args.d_model, args.norm_eps)
         self.attn = Attention(args, layer)
@@ -155,7 +134,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelConfig):
         super().__init__()
         self.args = args
         self.tok_emb = nn.Embedding(args.vocab_size, args.d_model)
@@ -164,9 +143,6 @@ class Transformer(nn.Module):
         self.head = nn.Linear(args.d_model, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.head.weight = self.tok_emb.weight
-        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -190,10 +166,7 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        if self.rope_cos.dtype != torch.float32:  # model.bfloat16() rounded the angles (DeepSpeed keeps buffers fp32)
-            cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta)
-            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        cos, sin = rope_angles(positions, self.args.head_dim, self.args.rope_theta)
         x = self.tok_emb(idx)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
@@ -203,7 +176,7 @@ class Transformer(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-def num_params(args: ModelArgs, embedding: bool = True) -> int:
+def num_params(args: ModelConfig, embedding: bool = True) -> int:
     """Parameter count from the shape alone (no allocation), so `plan` works for 7B on a laptop."""
     d, hd = args.d_model, args.head_dim
     attn = d * args.n_heads * hd * 2 + d * args.n_kv_heads * hd * 2
@@ -214,7 +187,7 @@ def num_params(args: ModelArgs, embedding: bool = True) -> int:
     return body + (emb if embedding else (0 if args.tie_embeddings else args.vocab_size * d))
 
 
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+def flops_per_token(args: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), PaLM appendix B style:
     6 × non-embedding params (the output head counts) + 12 · layers · d · seq for attention scores."""
     matmul_params = num_params(args, embedding=False) + (args.vocab_size * args.d_model if args.tie_embeddings else 0)

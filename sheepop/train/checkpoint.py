@@ -20,14 +20,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from sheepop.config import redact
+from sheepop import compat
+from sheepop.config import Config, redact
+from sheepop.model.config import ModelConfig
 from sheepop.errors import UserError
 
 DS_TAG = "ds"
 
 
-def root(cfg: dict) -> Path:
-    base = cfg["cluster"].get("storage_path") or cfg["run"]["dir"]
+def root(cfg: Config) -> Path:
+    base = cfg.cluster.storage_path or cfg.run.dir
     return Path(base).expanduser().absolute() / "checkpoints"
 
 
@@ -52,9 +54,10 @@ def read_meta(path: Path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def resolve_resume(cfg: dict) -> Path | None:
-    """The checkpoint trainer.resume asks for: auto → newest in this run, never → None, else a path."""
-    r = cfg["trainer"]["resume"]
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint trainer.resume asks for: auto → newest in this run, never → None, else a path.
+    Called by the driver only; ranks get its answer in the run plan."""
+    r = cfg.trainer.resume
     if r == "never":
         return None
     if r == "auto":
@@ -70,7 +73,7 @@ def resolve_resume(cfg: dict) -> Path | None:
                     "a step_N folder, a checkpoints/ folder or a run dir")
 
 
-def save(engine, cfg: dict, state: dict, tokenizer_path: Path, *, rank: int, report=None) -> Path | None:
+def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, report=None) -> Path | None:
     """Save on every rank (each writes its shard). `report(dir, name)` hands the folder to Ray
     Train; without it the checkpoint is written straight into root(cfg)."""
     step_name = name(state["step"])
@@ -95,7 +98,7 @@ def save(engine, cfg: dict, state: dict, tokenizer_path: Path, *, rank: int, rep
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         target.rename(final)
-        prune(root(cfg), cfg["trainer"]["keep_checkpoints"])
+        prune(root(cfg), cfg.trainer.keep_checkpoints)
     return final
 
 
@@ -142,33 +145,13 @@ def to_universal(path: Path, *, rank: int) -> Path:
 
 def load(engine, path: Path, universal: Path | None = None) -> dict:
     """Restore engine state (weights, optimizer, scheduler) and return meta.json."""
-    # DeepSpeed 0.19's ZeRO-3 universal load copies param group 0's hyperparameters onto every
-    # group, which would start decaying the norm weights; keep each group's own weight decay.
-    decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]
+    decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]  # see compat.fix_zero3_universal_load
     load_path, _ = engine.load_checkpoint(str(universal or path), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
-    for group, wd in zip(engine.optimizer.param_groups, decay):
-        group["weight_decay"] = wd
-    _unshare_steps(engine)
+    compat.fix_zero3_universal_load(engine, decay)
     return read_meta(path)
-
-
-def _unshare_steps(engine) -> None:
-    """DeepSpeed 0.19's ZeRO-3 universal load gives every optimizer sub-group the same `step`
-    tensor object (stage3.py: `state[fp32_param]['step'] = state_step` in a loop). torch's AdamW
-    increments `step` in place once per sub-group, so the shared counter advanced by the number of
-    groups per training step and the bias correction went wrong (losses drifted by ~5e-3 over 6
-    steps). Give each sub-group its own copy; a no-op where nothing is shared (native loads, ZeRO 0-2)."""
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-    seen = set()
-    for state in optimizer.state.values():
-        step = state.get("step")
-        if torch.is_tensor(step):
-            if id(step) in seen:
-                state["step"] = step.clone()
-            seen.add(id(step))
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -178,7 +161,7 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
         import contextlib
         import io
 
-        import sheepop.train.engine  # noqa: F401  (sets DS_ACCELERATOR before DeepSpeed loads)
+        compat.before_deepspeed_import()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # progress chatter
@@ -194,12 +177,12 @@ def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _stage0_masters(path: Path, masters: list[list[torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Name the stage-0 optimizer's fp32 master tensors: they follow the optimizer's groups."""
-    from sheepop.model import ModelArgs, Transformer
+    from sheepop.model.transformer import Transformer
     from sheepop.train.engine import decay_split
 
     cfg = yaml.safe_load((Path(path) / "config.yaml").read_text())
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_config(cfg["model"]))
+        model = Transformer(ModelConfig.from_dict(cfg["model"]))
     names = [n for group in decay_split(model) for n in group]
     tensors = [t for group in masters for t in group]
     if len(names) != len(tensors):
@@ -209,14 +192,14 @@ def _stage0_masters(path: Path, masters: list[list[torch.Tensor]]) -> dict[str, 
 
 def load_model(run_or_ckpt: str | Path):
     """(model, tokenizer, meta) from a run dir, a checkpoint folder, or the model.pt that
-    `sheepop export-weights` wrote (plain torch weights: no DeepSpeed involved), for generate/eval/export."""
+    `sheepop export format=pt` wrote (plain torch weights: no DeepSpeed involved), for generate/eval/export."""
     from sheepop.data.tokenizer import load as load_tokenizer
-    from sheepop.model import ModelArgs, Transformer
+    from sheepop.model.transformer import Transformer
 
     p = Path(run_or_ckpt).expanduser()
     if p.is_file():
         saved = torch.load(p, map_location="cpu", weights_only=True)
-        model = Transformer(ModelArgs.from_config(saved["config"]["model"]))
+        model = Transformer(ModelConfig.from_dict(saved["config"]["model"]))
         model.load_state_dict(saved["model"])
         model.eval()
         return model, load_tokenizer(p.with_name("tokenizer.json")), {
@@ -225,7 +208,7 @@ def load_model(run_or_ckpt: str | Path):
     if ckpt is None:
         raise UserError(f"run.dir={p}: no checkpoint found (expected {p}/checkpoints/step_N/meta.json)")
     cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
-    model = Transformer(ModelArgs.from_config(cfg["model"]))
+    model = Transformer(ModelConfig.from_dict(cfg["model"]))
     sd = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # Tied weights appear under one name only; anything else missing is a real mismatch.

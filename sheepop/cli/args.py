@@ -1,0 +1,70 @@
+"""The argument conventions every command follows, in one place.
+
+Three kinds of command, one style each:
+  - commands that build a run's config (train, prepare, plan, submit): Hydra overrides
+    (`model=small trainer.lr=3e-4`), composed and validated by sheepop.config;
+  - commands that read a finished run (generate, eval, export, watch, report): `key=value`
+    options parsed by `parse_kv` against a typed spec (a leading RUN_DIR where the command
+    is about one run);
+  - commands that talk to a Ray cluster about jobs (jobs, status, logs, stop): argparse flags,
+    since they take a job id and `--address` rather than config.
+Each spelling error is one UserError line naming the valid keys.
+"""
+from __future__ import annotations
+
+import sys
+
+from sheepop.errors import UserError
+
+
+def wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help", "--hydra-help") for a in argv)
+
+
+def hydra_help(argv: list[str], command: str) -> int:
+    """Hydra's own --help (config groups and the composed config), via a throwaway @hydra.main app."""
+    import hydra
+
+    from sheepop.config import conf_dir
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def _app(_cfg):  # pragma: no cover - Hydra exits after printing help
+        pass
+
+    saved = sys.argv
+    sys.argv = [f"sheepop {command}", *argv, "hydra.help.app_name=sheepop " + command,
+                "hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
+    try:
+        _app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def parse_kv(argv: list[str], spec: dict[str, type], command: str) -> dict:
+    """key=value options of the commands that read a run; unknown keys fail with the valid ones.
+    A bool option may also be given as a flag (`--force`)."""
+    out: dict = {}
+    for a in argv:
+        if a.startswith("--") and a[2:] in spec and spec[a[2:]] is bool:
+            out[a[2:]] = True
+            continue
+        if "=" not in a:
+            raise UserError(f"'{a}': expected key=value; valid keys: {', '.join(spec)}")
+        k, v = a.split("=", 1)
+        k = k.lstrip("-")
+        if k not in spec:
+            raise UserError(f"unknown option '{k}'; valid for {command}: {', '.join(spec)}")
+        typ = spec[k]
+        try:
+            out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
+        except ValueError:
+            raise UserError(f"{k}={v}: expected {typ.__name__}") from None
+    return out
+
+
+def require(opts: dict, keys: tuple[str, ...], usage: str) -> None:
+    """One line naming the first missing required option and the command's usage."""
+    for key in keys:
+        if key not in opts:
+            raise UserError(f"missing {key}=...; {usage}")

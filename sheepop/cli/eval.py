@@ -1,0 +1,154 @@
+"""`sheepop eval run.dir=DIR [split=val|train] [data=... data.paths=[...]]`: loss and perplexity.
+
+Without data overrides it scores a split of the run's own prepared data (data.out_dir from the
+run's config). With them (`data=files "data.paths=[notes/,*.md]"`, `data=jsonl ...`, any
+data.* key) it prepares that file set the way training would, but with the run's tokenizer
+(tokenizer.path = the checkpoint's tokenizer.json), in a temporary folder, and scores every
+token of it. Windows are consecutive and non-overlapping (seq_len inputs + 1 target each), so
+the number is a deterministic mean over the first max_tokens tokens, not a random sample.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sheepop.cli.args import parse_kv, require, wants_help
+from sheepop.errors import UserError
+
+OPTS = {"run.dir": str, "split": str, "max_tokens": int, "batch_size": int, "seq_len": int}
+USAGE = ("usage: sheepop eval run.dir=DIR [split=val|train] [max_tokens=200000] [batch_size=8] [seq_len=N]\n"
+         "       sheepop eval run.dir=DIR data=files \"data.paths=[notes/,src/**/*.py]\"   (any data.* override)")
+DEFAULT_MAX_TOKENS = 200_000
+
+
+def _is_data_override(arg: str) -> bool:
+    key = arg.split("=", 1)[0].lstrip("+~")
+    return key == "data" or key.startswith("data.")
+
+
+def token_stream(data_dir: Path, manifest: dict, splits: list[str]):
+    """The splits' shards as memory-mapped arrays, in order."""
+    dtype = np.dtype(manifest["dtype"])
+    for split in splits:
+        for s in manifest["splits"][split]["shards"]:
+            yield np.memmap(Path(data_dir) / s["file"], dtype=dtype, mode="r")
+
+
+def windows(arrays, seq_len: int, max_tokens: int):
+    """Consecutive (seq_len + 1)-token windows, stride seq_len, until max_tokens targets."""
+    scored = 0
+    for arr in arrays:
+        for start in range(0, len(arr) - seq_len, seq_len):
+            if max_tokens and scored >= max_tokens:
+                return
+            yield np.asarray(arr[start:start + seq_len + 1], dtype=np.int64)
+            scored += seq_len
+
+
+def score(model, arrays, *, seq_len: int, max_tokens: int, batch_size: int) -> dict:
+    """Mean next-token cross-entropy (nats) over the windows; fp32 on the model's device."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    model.eval()
+    total, count, n_windows = 0.0, 0, 0
+    batch: list[np.ndarray] = []
+
+    def flush():
+        nonlocal total, count, n_windows
+        w = torch.from_numpy(np.stack(batch)).to(device)
+        with torch.no_grad():
+            logits = model(w[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), w[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        count += w[:, 1:].numel()
+        n_windows += len(batch)
+        batch.clear()
+
+    for win in windows(arrays, seq_len, max_tokens):
+        batch.append(win)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if count == 0:
+        raise UserError(f"too few tokens for one window of {seq_len + 1}; pass a smaller seq_len=N")
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokens": count, "windows": n_windows}
+
+
+def _prepare_files(data_overrides: list[str], tokenizer_json: Path, vocab_size: int, out_dir: Path) -> dict:
+    """Prepare a file set with the run's tokenizer into out_dir; returns the manifest."""
+    from sheepop.config import compose
+    from sheepop.data.shards import prepare
+
+    cfg = compose([*data_overrides, f"model.vocab_size={vocab_size}", f"tokenizer.path={tokenizer_json}",
+                   "cluster=process", "logger=none", f"data.out_dir={out_dir}"])
+    return prepare(cfg, log=lambda *_: None, progress=False)
+
+
+def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | None = None,
+             max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = 8, seq_len: int = 0) -> dict:
+    """Loss and perplexity of a run's latest checkpoint on a split or a file set."""
+    from sheepop.data.shards import load_manifest
+    from sheepop.data.tokenizer import file_hash
+    from sheepop.train.checkpoint import load_model
+
+    model, tok, meta = load_model(run_dir)
+    cfg = meta["config"]
+    seq = seq_len or cfg["trainer"].get("seq_len") or model.args.max_seq_len
+    if not 1 <= seq <= model.args.max_seq_len:
+        raise UserError(f"seq_len={seq} must be in [1, model.max_seq_len={model.args.max_seq_len}]")
+    ckpt_tok = Path(meta["path"]) / "tokenizer.json"
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="sheepop-eval-") as tmp:
+        if data_overrides:
+            data_dir = Path(tmp) / "data"
+            manifest = _prepare_files(data_overrides, ckpt_tok, model.args.vocab_size, data_dir)
+            sp = manifest["splits"]
+            # Every document lands in train or val, except that a one-document corpus is both.
+            both = sp["train"]["docs"] + sp["val"]["docs"] <= manifest["documents"]
+            splits, what = (["train", "val"] if both else ["train"]), "files " + " ".join(data_overrides)
+        else:
+            if split not in ("train", "val"):
+                raise UserError(f"split={split}; valid: train, val")
+            data_dir = Path(cfg["data"]["out_dir"])
+            if not (data_dir / "manifest.json").is_file():
+                raise UserError(f"the run's prepared data ({data_dir}) is not there (relative paths are from the "
+                                f"directory training ran in); run `sheepop prepare` with the run's data and tokenizer "
+                                f"settings, or pass data=... to score files")
+            manifest = load_manifest(data_dir)
+            if manifest["tokenizer"]["sha256_16"] != file_hash(ckpt_tok):
+                raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
+                                "prepare it again with tokenizer.path=<checkpoint>/tokenizer.json or pass data=...")
+            splits, what = [split], f"{split} split of {data_dir}"
+        result = score(model, token_stream(data_dir, manifest, splits), seq_len=seq, max_tokens=max_tokens,
+                       batch_size=batch_size)
+        del manifest  # memmaps close with the arrays; the temp folder goes next
+    return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
+            "seconds": time.time() - t0}
+
+
+def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(USAGE)
+        return 0
+    data_overrides = [a for a in argv if _is_data_override(a)]
+    o = parse_kv([a for a in argv if not _is_data_override(a)], OPTS, "eval (or data=..., data.*=...)")
+    require(o, ("run.dir",), "eval needs a training run's folder or a checkpoint")
+    if data_overrides and "split" in o:
+        raise UserError("split= scores the run's own data; with data=... every token of the files is scored")
+    if o.get("max_tokens", 1) < 1 or o.get("batch_size", 1) < 1:
+        raise UserError("max_tokens and batch_size must be >= 1")
+    r = evaluate(o["run.dir"], split=o.get("split", "val"), data_overrides=data_overrides,
+                 max_tokens=o.get("max_tokens", DEFAULT_MAX_TOKENS), batch_size=o.get("batch_size", 8),
+                 seq_len=o.get("seq_len", 0))
+    print(f"{r['what']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
+          f"({r['tokens']:,} tokens in {r['windows']:,} windows of {r['seq_len']}; step {r['step']}, "
+          f"{r['seconds']:.1f}s)")
+    return 0

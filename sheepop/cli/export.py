@@ -1,0 +1,83 @@
+"""`sheepop export run.dir=DIR format=pt|hf [out=PATH] [dtype=fp32|bf16] [--force]`.
+
+  format=hf   a Hugging Face Llama folder that `AutoModelForCausalLM` / `AutoTokenizer` load as is
+              (sheepop/model/hf.py holds the mapping)
+  format=pt   consolidated fp32 weights in one `model.pt` (+ tokenizer.json beside it) that
+              `sheepop generate run.dir=model.pt` and plain torch load, no DeepSpeed needed
+
+An existing `out` is refused unless --force (and replaced only once the new one is complete).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sheepop.cli.args import parse_kv, require, wants_help
+from sheepop.errors import UserError
+
+OPTS = {"run.dir": str, "format": str, "out": str, "dtype": str, "force": bool}
+FORMATS = ("hf", "pt")
+USAGE = ("usage: sheepop export run.dir=DIR format=hf|pt [out=PATH] [dtype=fp32|bf16] [--force]\n"
+         "  format=hf: a Hugging Face Llama folder (model.safetensors, config.json, tokenizer files); out= required\n"
+         "  format=pt: consolidated fp32 weights (model.pt + tokenizer.json); out defaults to RUN_DIR/model.pt")
+
+
+def export_hf(run_dir: str, out: Path, *, dtype: str = "fp32", force: bool = False) -> dict:
+    """Export a run's latest checkpoint (or a step_N folder); returns its meta (step, path, config)."""
+    from sheepop.model.hf import write_hf
+    from sheepop.train.checkpoint import load_model
+
+    if out.exists() and not force:
+        raise UserError(f"out={out} already exists; pass --force to replace it")
+    model, tok, meta = load_model(run_dir)
+    write_hf(model, tok, out, dtype=dtype)
+    return meta
+
+
+def export_pt(run_dir: str, out: Path | None, *, force: bool = False) -> tuple[Path, dict, int]:
+    """model.pt (fp32 state dict, config, step) + tokenizer.json beside it; returns (path, meta, params)."""
+    import torch
+
+    from sheepop.train.checkpoint import load_model
+
+    out = Path(out or Path(run_dir) / "model.pt").expanduser()
+    if out.exists() and not force:
+        raise UserError(f"out={out} already exists; pass --force to replace it")
+    model, tok, meta = load_model(run_dir)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        torch.save({"model": model.state_dict(), "config": meta["config"], "step": meta["step"]}, tmp)
+        tok.save(str(out.with_name("tokenizer.json")))  # generate run.dir=<out> finds it beside the weights
+        tmp.replace(out)
+    except OSError as e:
+        raise UserError(f"out={out}: cannot write there ({e.strerror or e}); valid: a writable path") from None
+    return out, meta, sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(USAGE)
+        return 0
+    o = parse_kv(argv, OPTS, "export")
+    fmt = o.get("format", "hf")
+    if fmt not in FORMATS:
+        raise UserError(f"format={fmt}: unknown export format; valid: {', '.join(FORMATS)}")
+    require(o, ("run.dir", "out") if fmt == "hf" else ("run.dir",), USAGE.splitlines()[0])
+    dtype = o.get("dtype", "fp32")
+    from sheepop.model.hf import DTYPES
+
+    if dtype not in DTYPES:
+        raise UserError(f"dtype={dtype}; valid: {', '.join(DTYPES)}")
+    if fmt == "pt":
+        if dtype != "fp32":
+            raise UserError(f"dtype={dtype}: format=pt writes fp32 weights; valid: fp32 (or format=hf dtype=bf16)")
+        out, meta, n = export_pt(o["run.dir"], o.get("out"), force=bool(o.get("force")))
+        print(f"wrote {out} (fp32, step {meta['step']}, {n:,} parameters)")
+        return 0
+    out = Path(o["out"]).expanduser()
+    if out.exists() and not o.get("force"):  # before loading anything
+        raise UserError(f"out={out} already exists; pass --force to replace it")
+    meta = export_hf(o["run.dir"], out, dtype=dtype, force=bool(o.get("force")))
+    print(f"wrote {out} (Hugging Face Llama, {dtype}, step {meta['step']} of {meta['path']})\n"
+          f"  load: AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})")
+    return 0

@@ -1,0 +1,475 @@
+"""Ray Jobs: `sheepop submit | jobs | status | logs | stop` against a running Ray cluster.
+
+`submit` composes and validates the config here first (a bad override never reaches the
+cluster), checks what would be uploaded, then hands Ray's Job Submission SDK the entrypoint
+`python -m sheepop.cli train cluster=ray <the same overrides>` with the project folder as
+runtime_env working_dir. Ray unpacks that folder on the head node, runs the entrypoint there
+(cwd = the folder, which Ray also puts first on PYTHONPATH, so the uploaded code is what runs)
+and the driver connects to the cluster through the RAY_ADDRESS that Ray sets for it.
+
+Secrets travel as environment variables named on the command line (`--env WANDB_API_KEY`):
+the value is read from the submitter's environment into runtime_env env_vars, never into a
+file. Ray keeps a job's runtime_env in its job table, so anyone who can reach the dashboard
+(port 8265) can read those values: see docs/cluster.md.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlparse
+
+from sheepop.errors import UserError
+from sheepop.net import require_listening
+from sheepop.units import duration
+
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+
+# Never uploaded, whatever .gitignore says: VCS and venvs (size), run outputs and prepared data
+# (size; they belong on shared storage), and anything that may hold credentials.
+EXCLUDES = [
+    ".git", ".hg", ".venv", "venv", "env/", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache",
+    ".mypy_cache", ".ruff_cache", "node_modules",
+    "outputs/", "wandb/", "multirun/", "checkpoints/", "data/prepared/",
+    "*.bin", "*.npy", "*.pt", "*.safetensors", "*.arrow", "*.parquet",
+    ".env*", "*.env", ".netrc", "_netrc", ".pypirc", ".npmrc", ".git-credentials", ".dockercfg",
+    "credentials*", "*credentials*.json", "*service-account*.json", "*service_account*.json", "*secret*", "*.pem", "*.key",
+    "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*", "*.token", "auth_token",
+    ".aws/", ".ssh/", ".gnupg/", ".kube/", ".config/gcloud/", ".docker/", ".ray/",
+]
+
+# Forwarded when set in the submitter's environment; `--env NAME` adds more.
+DEFAULT_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "HF_TOKEN")
+
+# Job state → exit code of `status`, `logs --follow`, `submit --follow`.
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+EXIT_CODE = {"SUCCEEDED": 0, "PENDING": 0, "RUNNING": 0, "FAILED": 1, "STOPPED": 3}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one UserError line instead of usage + exit(2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see `sheepop {self.prog.split()[-1]} --help`")
+
+
+def _parser(command: str, description: str) -> _Parser:
+    p = _Parser(prog=f"sheepop {command}", description=description)
+    p.add_argument("--address", default=None,
+                   help=f"Ray dashboard address (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    return p
+
+
+# The commands about one job: description, on/off flags (names, help), --timeout (default, help).
+JOB_COMMANDS: dict[str, tuple[str, list[tuple[tuple[str, ...], str]], tuple[float, str] | None]] = {
+    "status": ("Status of a Ray Job. Exit code: 0 succeeded/pending/running, 1 failed, 3 stopped.",
+               [(("--wait",), "wait until the job ends; exit 0 only if it succeeded")],
+               (0, "with --wait: give up after this many seconds (0 = never)")),
+    "logs": ("Logs of a Ray Job (the entrypoint's stdout and stderr).",
+             [(("-f", "--follow"), "keep streaming until the job ends; exit with its state")], None),
+    "stop": ("Stop a Ray Job (SIGTERM to its entrypoint, then SIGKILL) and wait until it has stopped.",
+             [(("--no-wait",), "return once the stop is requested")],
+             (60, "seconds to wait for STOPPED (default 60)")),
+}
+
+
+def _job_command(command: str, argv: list[str]) -> tuple:
+    """(args, client, info, address) of a command about one job (JOB_COMMANDS); one-line errors."""
+    description, flags, timeout = JOB_COMMANDS[command]
+    p = _parser(command, description)
+    p.add_argument("job_id")
+    for names, help_ in flags:
+        p.add_argument(*names, action="store_true", help=help_)
+    if timeout:
+        p.add_argument("--timeout", type=float, default=timeout[0], help=timeout[1])
+    args = p.parse_args(argv)
+    return (args, *open_job(args))
+
+
+# ---------------------------------------------------------------------------------------------
+# connecting
+
+
+def resolve_address(arg: str | None) -> str:
+    """--address, else $RAY_ADDRESS, else the local default; always an http(s) URL."""
+    address = (arg or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS).rstrip("/")
+    if address == "auto":
+        address = DEFAULT_ADDRESS
+    if address.startswith("ray://"):
+        raise UserError(f"--address={address}: Ray Jobs talk to the dashboard; use http://HOST:8265 "
+                        "(not the ray:// client port)")
+    if "://" not in address:
+        address = f"http://{address}"
+    if urlparse(address).scheme not in ("http", "https"):
+        raise UserError(f"--address={address}: expected http://HOST:PORT of the Ray dashboard")
+    return address
+
+
+def connect(address: str):
+    """A JobSubmissionClient, after a quick TCP check (requests has no timeout by default)."""
+    u = urlparse(address)
+    host, port = u.hostname or "127.0.0.1", u.port or (443 if u.scheme == "https" else 8265)
+    require_listening(host, port, f"--address={address}", "start a cluster (`ray start --head --dashboard-host "
+                      "127.0.0.1`) or fix --address/$RAY_ADDRESS", timeout=5)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as e:  # ConnectionError, version check, authentication
+        raise UserError(f"--address={address}: not a Ray dashboard that accepts jobs ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def job_info(client, job_id: str, address: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as e:
+        if "404" in str(e) or "does not exist" in str(e):
+            raise UserError(f"no job '{job_id}' at {address}; `sheepop jobs` lists them") from None
+        raise UserError(f"job '{job_id}': {_first_line(e)}") from None
+
+
+def wait_for(client, job_id: str, address: str, timeout: float | None, poll: float):
+    """Poll the job until it ends (SUCCEEDED, FAILED, STOPPED) or `timeout` seconds pass
+    (None: no limit; 0: one look); returns the last info seen, ended or not."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    info = job_info(client, job_id, address)
+    while info.status.value not in TERMINAL and (deadline is None or time.monotonic() < deadline):
+        time.sleep(poll)
+        info = job_info(client, job_id, address)
+    return info
+
+
+def open_job(args) -> tuple:
+    """(client, info, address) for the job named on the command line; one-line errors otherwise."""
+    address = resolve_address(args.address)
+    client = connect(address)
+    return client, job_info(client, args.job_id, address), address
+
+
+def dashboard_url(address: str, job_id: str) -> str:
+    return f"{address}/#/jobs/{job_id}"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a submission holds: overrides per job, the files, the environment
+
+
+def parse_overrides(overrides: list[str]):
+    """Hydra's own override parser; a syntax error is one UserError line."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        raise UserError(f"bad override: {_first_line(e)}") from None
+
+
+def expand(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """One override list per job. Sweeps (`a=1,2`, `range(...)`) are expanded by Hydra's
+    BasicSweeper (through sheepop.compat); every other override is passed on exactly as typed."""
+    from sheepop.compat import hydra_sweep_combinations
+
+    parsed = parse_overrides(overrides)
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    if sweeps and not multirun:
+        raise UserError(f"'{sweeps[0].input_line}' is a sweep: add -m to submit one job per combination")
+    if not sweeps:
+        return [list(overrides)]
+    try:
+        combos = hydra_sweep_combinations(sweeps)
+    except Exception as e:  # e.g. interval(...) sweeps, which BasicSweeper cannot enumerate
+        raise UserError(f"cannot expand sweep: {_first_line(e)}") from None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    return [fixed + list(combo) for combo in combos]
+
+
+def _key(override) -> str:
+    return override.key_or_group
+
+
+def plan_jobs(overrides: list[str], multirun: bool, force: bool = False) -> list[dict]:
+    """Compose and validate every job's config here; pin each job's run.dir.
+
+    run.dir is resolved locally (so `${now:...}` means submission time, not start time on the
+    cluster) and passed explicitly. When a sweep would give several jobs the same run.dir,
+    each gets `<run.dir>/<n>`, like Hydra's multirun subdirectories.
+    """
+    from sheepop.compat import hydra_escape
+    from sheepop.config import compose
+
+    jobs = []
+    for job_overrides in expand(overrides, multirun):
+        keys = {_key(o) for o in parse_overrides(job_overrides)}
+        base = job_overrides if "cluster" in keys else ["cluster=ray", *job_overrides]
+        cfg = compose(base)
+        if cfg.cluster.kind != "ray":
+            raise UserError(f"cluster={cfg.cluster.name} has kind={cfg.cluster.kind}; a submitted job connects "
+                            "to the cluster it runs on: use cluster=ray or a preset with kind: ray")
+        if not force and str(cfg.cluster.use_gpu).lower() != "false":
+            from sheepop.plan import check_fits
+
+            fits, message = check_fits(cfg)  # the same check as `sheepop plan`
+            if not fits:
+                raise UserError(f"{message} (--force submits anyway)")
+        jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys})
+    dirs = [j["run_dir"] for j in jobs]
+    if len(set(dirs)) < len(dirs):
+        for n, j in enumerate(jobs):
+            j["run_dir"] = f"{j['run_dir'].rstrip('/')}/{n}"
+    for j in jobs:
+        kept = [o.input_line for o in parse_overrides(j["overrides"]) if _key(o) != "run.dir"]
+        j["overrides"] = kept + [f"run.dir={hydra_escape(j['run_dir'])}"]
+        j.pop("keys")
+    return jobs
+
+
+def entrypoint(python: str, overrides: list[str]) -> str:
+    """The shell command Ray runs on the head node; every override is shell-quoted."""
+    return " ".join([shlex.quote(python), "-m", "sheepop.cli", "train", *map(shlex.quote, overrides)])
+
+
+def upload_files(working_dir: Path, excludes: list[str]) -> list[tuple[Path, int]]:
+    """The files Ray would upload, walked with Ray's own rules (excludes + .gitignore/.rayignore)."""
+    from sheepop.compat import ray_upload_files
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"
+    files: list[tuple[Path, int]] = []
+
+    def add(path: Path) -> None:
+        if path.is_file():
+            files.append((path, path.stat().st_size))
+
+    quiet = logging.getLogger("sheepop.upload")  # Ray logs every .gitignore it reads at INFO
+    quiet.setLevel(logging.WARNING)
+    ray_upload_files(working_dir, excludes, add, include_gitignore, quiet)
+    return files
+
+
+def upload_limit() -> int:
+    from sheepop.compat import ray_upload_limit
+
+    return ray_upload_limit()
+
+
+def check_upload(working_dir: Path, excludes: list[str]) -> tuple[int, int]:
+    """(files, bytes) to upload; UserError when the sum could exceed Ray's package limit.
+
+    Ray zips the folder and refuses packages over its gRPC limit (512 MiB) only after zipping
+    and starting the upload; summing file sizes here fails in a second instead, before anything
+    is sent (the zip is rarely larger than its contents)."""
+    files = upload_files(working_dir, excludes)
+    total, limit = sum(s for _, s in files), upload_limit()
+    if total >= limit:
+        top = sorted(files, key=lambda f: -f[1])[:3]
+        biggest = ", ".join(f"{p.relative_to(working_dir)} ({_mib(s)})" for p, s in top)
+        raise UserError(f"working dir {working_dir} has {_mib(total)} to upload, over Ray's {_mib(limit)} limit "
+                        f"(largest: {biggest}); move data to shared storage, list it in .rayignore, "
+                        "or pass --exclude PATTERN")
+    return len(files), total
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def default_working_dir() -> Path:
+    """The folder holding conf/ (and, in a checkout, the sheepop package)."""
+    from sheepop.config import conf_dir
+
+    return conf_dir().parent
+
+
+def forwarded_env(names: list[str]) -> dict[str, str]:
+    """Values of the named variables from this environment; a named one that is unset fails."""
+    env = {k: os.environ[k] for k in DEFAULT_FORWARD if k in os.environ}
+    for name in names:
+        if not name.replace("_", "").isalnum() or name[0].isdigit():
+            raise UserError(f"--env {name}: expected an environment variable NAME (its value is read from "
+                            "your environment, never from the command line)")
+        if name not in os.environ:
+            raise UserError(f"--env {name}: not set in this environment; export it first")
+        env[name] = os.environ[name]
+    return env
+
+
+def runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str]) -> dict:
+    from sheepop.compat import RAY_JOB_ENV
+
+    return {"working_dir": str(working_dir), "excludes": excludes, "env_vars": {**env, **RAY_JOB_ENV}}
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def submit_main(argv: list[str]) -> int:
+    p = _parser("submit", "Submit `sheepop train` to a Ray cluster as a Ray Job (Hydra overrides as for train).")
+    p.add_argument("-m", "--multirun", action="store_true", help="one job per combination of the sweeps (a=1,2)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help=f"forward this environment variable (repeatable); always forwarded when set: "
+                        f"{', '.join(DEFAULT_FORWARD)}")
+    p.add_argument("--working-dir", default=None, help="folder to upload (default: the one holding conf/)")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="another .gitignore-style pattern not to upload (repeatable)")
+    p.add_argument("--python", default="python", help="Python on the head node that runs the entrypoint")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its final state")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted; contact nothing")
+    p.add_argument("--force", action="store_true", help="submit even when `sheepop plan` says it will not fit")
+    args, overrides = p.parse_known_args(argv)
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise UserError(f"unknown option '{flags[0]}'; options: -m, --address, --env, --working-dir, --exclude, "
+                        "--python, --follow, --dry-run, --force (everything else is a Hydra override)")
+
+    jobs = plan_jobs(overrides, args.multirun, args.force)  # bad overrides / runs that cannot fit fail here
+    if args.follow and len(jobs) > 1:
+        raise UserError(f"--follow follows one job; this sweep makes {len(jobs)} (use `sheepop logs ID --follow`)")
+    wd = Path(args.working_dir or default_working_dir()).expanduser().resolve()
+    if not wd.is_dir():
+        raise UserError(f"--working-dir={wd}: no such directory")
+    excludes = EXCLUDES + list(args.exclude)
+    n_files, n_bytes = check_upload(wd, excludes)
+    env = forwarded_env([n for arg in args.env for n in arg.split(",") if n])
+    renv = runtime_env(wd, excludes, env)
+    print(f"working dir {wd}: {n_files} files, {_mib(n_bytes)}; forwarding env: {', '.join(sorted(env)) or 'none'}")
+    for j in jobs:
+        if not Path(j["run_dir"]).is_absolute():
+            print(f"note: run.dir={j['run_dir']} is relative to the job's temporary working dir on the head node; "
+                  "use an absolute path on shared storage to keep the run")
+            break
+
+    if args.dry_run:
+        for j in jobs:
+            print(entrypoint(args.python, j["overrides"]))
+        return 0
+
+    address = resolve_address(args.address)
+    client = connect(address)
+    _quiet_ray_upload_logs()
+    ids = []
+    for j in jobs:
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint(args.python, j["overrides"]), runtime_env=renv,
+                metadata={"sheepop_run_dir": j["run_dir"], "sheepop_overrides": " ".join(j["overrides"])},
+            )
+        except Exception as e:  # upload refused, runtime_env invalid, server error
+            raise UserError(f"submission to {address} failed: {_first_line(e)}"
+                            + (f" ({len(ids)} job(s) already submitted: {', '.join(ids)})" if ids else "")) from None
+        ids.append(job_id)
+        print(f"submitted {job_id}  run.dir={j['run_dir']}  dashboard: {dashboard_url(address, job_id)}", flush=True)
+    if len(ids) == 1:
+        print(f"follow: sheepop logs {ids[0]} --follow --address {address}")
+    if args.follow:
+        return _follow(client, ids[0], address)
+    return 0
+
+
+def jobs_main(argv: list[str]) -> int:
+    p = _parser("jobs", "List the Ray Jobs on a cluster, oldest first.")
+    args = p.parse_args(argv)
+    address = resolve_address(args.address)
+    client = connect(address)
+    jobs = sorted(client.list_jobs(), key=lambda j: j.start_time or 0)
+    if not jobs:
+        print(f"no jobs at {address}")
+        return 0
+    print(f"{'ID':<32} {'STATUS':<10} {'STARTED':<19} {'DURATION':>8}  RUN DIR / ENTRYPOINT")
+    for j in jobs:
+        meta = j.metadata or {}
+        what = meta.get("sheepop_run_dir") or (j.entrypoint or "")[:60]
+        print(f"{j.submission_id or j.job_id:<32} {j.status.value:<10} {_time(j.start_time):<19} "
+              f"{_took(j.start_time, j.end_time):>8}  {what}")
+    return 0
+
+
+def status_main(argv: list[str]) -> int:
+    args, client, info, address = _job_command("status", argv)
+    if args.wait:
+        info = wait_for(client, args.job_id, address, args.timeout or None, poll=1.0)
+        if info.status.value not in TERMINAL:
+            print(f"{args.job_id}: still {info.status.value} after {duration(args.timeout)}", file=sys.stderr)
+            return 4
+    state = info.status.value
+    meta = info.metadata or {}
+    line = f"{args.job_id}: {state} ({_took(info.start_time, info.end_time)})"
+    if meta.get("sheepop_run_dir"):
+        line += f"  run.dir={meta['sheepop_run_dir']}"
+    if state in ("FAILED", "STOPPED") and info.message:
+        line += f"  {_first_line(Exception(info.message))}"
+    print(line)
+    if args.wait and state != "SUCCEEDED":
+        return EXIT_CODE[state] or 1
+    return EXIT_CODE.get(state, 1)
+
+
+def logs_main(argv: list[str]) -> int:
+    args, client, _, address = _job_command("logs", argv)
+    if args.follow:
+        return _follow(client, args.job_id, address)
+    sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def stop_main(argv: list[str]) -> int:
+    args, client, info, address = _job_command("stop", argv)
+    if info.status.value in TERMINAL:
+        print(f"{args.job_id}: already {info.status.value}; nothing to stop")
+        return 0
+    client.stop_job(args.job_id)
+    if args.no_wait:
+        print(f"{args.job_id}: stop requested")
+        return 0
+    info = wait_for(client, args.job_id, address, args.timeout, poll=0.5)
+    print(f"{args.job_id}: {info.status.value}")
+    return 0 if info.status.value in TERMINAL else 1
+
+
+def _quiet_ray_upload_logs() -> None:
+    """Ray logs each .gitignore it reads and warns that it skips .git/.venv (so do we); keep
+    its real warnings (a single file over 10 MiB, a package near the limit)."""
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+    logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
+    logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
+
+
+def _follow(client, job_id: str, address: str) -> int:
+    """Stream logs until the job ends; exit code follows its final state."""
+
+    async def tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    try:
+        asyncio.run(tail())
+    except RuntimeError as e:  # the socket closed before the job ended (head restarted, network)
+        print(f"sheepop: log stream of {job_id} ended early: {_first_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:  # only the stream stops: the job lives on the cluster
+        print(f"\nstopped following; {job_id} keeps running (`sheepop stop {job_id} --address {address}` ends it)",
+              file=sys.stderr)
+        return 130
+    info = wait_for(client, job_id, address, 10, poll=0.5)  # the stream can close a moment before the state is final
+    state = info.status.value
+    print(f"{job_id}: {state}", file=sys.stderr)
+    return EXIT_CODE[state] if state in TERMINAL else 4
+
+
+def _time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _took(start_ms: int | None, end_ms: int | None) -> str:
+    """How long a job ran (or has been running), from Ray's millisecond timestamps."""
+    return duration(((end_ms or time.time() * 1000) - start_ms) / 1000) if start_ms else "-"

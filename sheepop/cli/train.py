@@ -1,0 +1,23 @@
+"""`sheepop train [hydra overrides]`: compose and validate the config, then hand it to the driver."""
+from __future__ import annotations
+
+from sheepop.cli.args import hydra_help, wants_help
+
+
+def main(argv: list[str]) -> int:
+    if wants_help(argv):
+        return hydra_help(argv, "train")
+    from sheepop.config import compose
+
+    cfg = compose([a for a in argv if a != "--cfg"])
+    if "--cfg" in argv:
+        import yaml
+
+        from sheepop.config import to_dict
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return 0
+    from sheepop.driver.runner import run
+
+    result = run(cfg)
+    return 130 if result.get("stopped") else 0

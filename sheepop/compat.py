@@ -1,0 +1,181 @@
+"""Workarounds for the libraries sheepop stands on, gathered in one place.
+
+Each is tied to the versions it was written against (the pins in constraints.txt) and checked by
+tests/unit/test_compat.py: that it still works with the installed version and, where the
+library's code shows it, that the library still needs it. When a check fails after an upgrade,
+the workaround is either obsolete (delete it and its callers' use) or broken (fix it here).
+Nothing outside this module reaches into a library's private API.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+# The versions these workarounds were written and tested against.
+WRITTEN_FOR = {"torch": "2.13", "deepspeed": "0.19", "ray": "2.60", "hydra-core": "1.3"}
+
+
+# --- DeepSpeed 0.19 / torch 2.13 -----------------------------------------------------------------
+
+def before_deepspeed_import() -> None:
+    """DeepSpeed picks its accelerator when first imported and, without CUDA, auto-detection
+    warns: say CPU before anything imports it. torch 2.13 emits a FutureWarning on every
+    all_gather_into_tensor/reduce_scatter_tensor that DeepSpeed calls each step."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def fix_zero3_universal_load(engine, weight_decays: list) -> None:
+    """Two DeepSpeed 0.19 ZeRO-3 universal-checkpoint load bugs (stage3.py); call right after
+    engine.load_checkpoint with the groups' weight decays read before it.
+
+    1. The load copies param group 0's hyperparameters onto every group, which would start
+       decaying the norm weights: restore each group's own weight decay.
+    2. It gives every optimizer sub-group the same `step` tensor object
+       (`state[fp32_param]['step'] = state_step` in a loop). torch's AdamW increments `step` in
+       place once per sub-group, so the shared counter advanced by the number of groups per
+       training step and the bias correction went wrong (losses drifted by ~5e-3 over 6 steps).
+       Give each sub-group its own copy. Both are no-ops where nothing is wrong (native loads, ZeRO 0-2).
+    """
+    import torch
+
+    for group, wd in zip(engine.optimizer.param_groups, weight_decays):
+        group["weight_decay"] = wd
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    seen = set()
+    for state in optimizer.state.values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+            seen.add(id(step))
+
+
+def deepspeed_shares_universal_step() -> bool:
+    """Whether the installed DeepSpeed still has bug 2 of fix_zero3_universal_load (read from its source)."""
+    import inspect
+
+    from deepspeed.runtime.zero import stage3
+
+    return "['step'] = state_step" in inspect.getsource(stage3)
+
+
+# --- Ray 2.60 --------------------------------------------------------------------------------------
+
+def ray_loopback_only() -> dict[str, str]:
+    """Make the Ray instance this process starts listen on 127.0.0.1 only; returns env vars for its workers.
+
+    Ray 2.60 has no bind-address setting. Its gRPC servers (GCS, raylet, object manager, core
+    workers, agents) bind loopback only when the node IP is loopback, but on Linux Ray rewrites a
+    node IP of 127.0.0.1 to the machine's external address (services.resolve_ip_for_localhost)
+    unless ENABLE_RAY_CLUSTER is off, which RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 does (read once,
+    at `import ray`: set both). Ray's own processes inherit the variable. It also stops other
+    machines from joining: right for a single-machine cluster. Gloo's listeners follow
+    GLOO_SOCKET_IFNAME (the loopback interface). What remains is PyTorch's TCPStore on rank 0,
+    which binds all interfaces while training runs.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    loopback = next((name for _, name in socket.if_nameindex() if name in ("lo", "lo0")), None)
+    return {"GLOO_SOCKET_IFNAME": loopback} if loopback else {}
+
+
+def ray_local_env() -> None:
+    """Before starting a Ray instance on this machine. Ray 2.60 turns token authentication on by
+    default and announces it with a warning on every start; sheepop keeps it on deliberately, so
+    the announcement is not shown (it is still in Ray's logs). RAY_AUTH_MODE cannot be set here
+    instead: Ray reads it when imported."""
+    import logging
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+def ray_session_logs_dir():
+    """The logs folder of the Ray session this process is connected to (private in Ray 2.60)."""
+    from pathlib import Path
+
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return Path(node.get_logs_dir_path()) if node is not None else None
+
+
+def quiet_deepspeed_build_notice() -> None:
+    """DeepSpeed 0.19 prints 'DeepSpeed ... built successfully' with print() each time a process
+    loads its CPU communication op (deepspeed/comm/torch.py: build_shm_op): route it to the
+    DeepSpeed's logger at INFO instead (sheepop keeps that logger at WARNING)."""
+    import importlib
+
+    from deepspeed.utils import logger
+
+    # Not `import deepspeed.comm.torch as m`: the package's `torch` attribute is torch itself.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    ds_comm_torch.print = lambda *args, **kwargs: logger.info(" ".join(map(str, args)))
+
+
+def deepspeed_prints_build_notice() -> bool:
+    """Whether the installed DeepSpeed still print()s its build notice (see quiet_deepspeed_build_notice)."""
+    import importlib
+    import inspect
+
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+    return "print(f'DeepSpeed {builder.absolute_name()} built successfully')" in inspect.getsource(ds_comm_torch)
+
+
+# Each ray.train.report() otherwise blocks ~1.8 s on the Train controller's poll (Ray Train V2).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+
+def ray_job_env_vars() -> dict[str, str]:
+    """Inside a Ray Job, the env vars of the job's runtime_env. Ray refuses to merge a driver
+    env var that the job also sets (and its error message prints the value)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")).get("runtime_env", {}) or {}
+    return dict(job.get("env_vars") or {})
+
+
+# A submitted job's driver calls ray.init(runtime_env=...) again; without this Ray refuses to
+# merge the job's and the driver's env_vars.
+RAY_JOB_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+
+
+def ray_upload_files(working_dir, excludes: list[str], add, include_gitignore: bool, logger) -> None:
+    """Walk the files Ray would upload as a job's working_dir, with Ray's own rules (its excludes
+    and .gitignore/.rayignore handling), calling add(path) for each. Private in Ray 2.60."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    _dir_travel(working_dir, [_get_excludes(working_dir, excludes)], add, include_gitignore=include_gitignore,
+                logger=logger)
+
+
+def ray_upload_limit() -> int:
+    """Ray's size limit for a working_dir package (private in Ray 2.60)."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    return GCS_STORAGE_MAX_SIZE
+
+
+# --- Hydra 1.3 -------------------------------------------------------------------------------------
+
+def hydra_sweep_combinations(sweeps: list) -> list[list[str]]:
+    """Every combination of parsed sweep overrides (`a=1,2 b=x,y`), as Hydra's BasicSweeper makes
+    them (no public API in Hydra 1.3)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [list(c) for c in BasicSweeper.split_arguments(sweeps, None)[0]]
+
+
+def hydra_escape(value: str) -> str:
+    """Escape a value for a Hydra override (Hydra 1.3 keeps this helper private)."""
+    from hydra._internal.grammar.utils import escape_special_characters
+
+    return escape_special_characters(value)

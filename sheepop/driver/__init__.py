@@ -1,0 +1,1 @@
+"""The driver: decides the run plan once, starts the ranks (in-process or Ray Train), follows them."""

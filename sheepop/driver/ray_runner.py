@@ -1,0 +1,143 @@
+"""Training on Ray: a TorchTrainer whose workers each run `sheepop.train.loop.train`.
+
+Ray provisions the workers and their gloo/NCCL process group; DeepSpeed reuses it. Every rank
+reports its checkpoint shard and Ray Train merges them into <storage>/checkpoints/step_N.
+After a worker dies, Ray restarts the group (cluster.max_failures times) and each worker
+resumes from the latest reported checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from sheepop import compat
+from sheepop.config import Config
+from sheepop.driver.worker_env import worker_env
+from sheepop.logs import copy_ray_session_logs, logs_dir, output_to
+from sheepop.train.run_plan import RunPlan
+
+
+def _use_gpu(cfg: Config) -> bool:
+    v = str(cfg.cluster.use_gpu).lower()
+    if v == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return v == "true"
+
+
+def start_ray(cfg: Config, console: Console) -> bool:
+    """Start (kind=local) or join (kind=ray) a Ray cluster; returns True when we started it."""
+    import ray
+
+    c = cfg.cluster
+    env = worker_env()
+    # log_to_driver=False: the Train controller's and workers' chatter stays in Ray's logs and in
+    # run.dir/logs/ (sheepop.logs); the user sees sheepop's lines and, on failure, the error.
+    if c.kind == "local":
+        compat.ray_local_env()
+        env.update(compat.ray_loopback_only())
+        ctx = ray.init(address="local", num_cpus=c.num_cpus or None, include_dashboard=True,
+                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
+                       runtime_env={"env_vars": env}, logging_level="WARNING", configure_logging=True)
+        started = True
+    else:
+        address = c.address or os.environ.get("RAY_ADDRESS", "auto")
+        ctx = ray.init(address=address, runtime_env={"env_vars": env}, logging_level="WARNING",
+                       log_to_driver=False)
+        started = False
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        console.print(f"Ray dashboard: http://{url}" if "://" not in url else f"Ray dashboard: {url}")
+    return started
+
+
+def fit(plan: RunPlan, console: Console) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from sheepop.train import checkpoint
+
+    cfg = plan.cfg
+    c = cfg.cluster
+    started = start_ray(cfg, console)
+    try:
+        gpu = _use_gpu(cfg)
+        cpus = c.cpus_per_worker or (max(1, (os.cpu_count() or 1) // c.num_workers) if c.kind == "local" else 1)
+        resources = {"CPU": cpus}
+        if gpu:
+            resources["GPU"] = c.gpus_per_worker
+        ckpt_root = checkpoint.root(cfg)
+        trainer = TorchTrainer(
+            _worker,
+            train_loop_config={"plan": plan},
+            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            run_config=RunConfig(
+                name=ckpt_root.name, storage_path=str(ckpt_root.parent),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints or None),
+                failure_config=FailureConfig(max_failures=c.max_failures),
+                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu",
+                                                 "OMP_NUM_THREADS": str(cpus)}},
+            ),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as e:  # Ray Train's TrainingFailedError wraps what the workers raised
+            user_error = user_error_of(e)
+            if user_error is None:
+                console.print(f"[red]training failed[/]; worker and Ray logs: {logs_dir(cfg.run.dir)}")
+            raise user_error or e
+        return dict(result.metrics or {})
+    finally:
+        if started:
+            try:
+                copy_ray_session_logs(cfg.run.dir)
+            except OSError:
+                pass  # the logs are a convenience; never fail a run over them
+            ray.shutdown()
+
+
+def _worker(config: dict) -> None:
+    """train_loop_per_worker: runs on every Ray Train worker."""
+    import ray.train
+
+    from sheepop.train.loop import train
+
+    ckpt = ray.train.get_checkpoint()  # set after a restart: the latest reported checkpoint
+    plan = config["plan"]
+
+    def report(directory: Path, name: str) -> None:
+        ray.train.report({"step": int(name.split("_")[-1])},
+                         checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=name)
+
+    rank = ray.train.get_context().get_world_rank()
+    with output_to(logs_dir(plan.cfg.run.dir) / f"rank{rank}.log"):
+        train(plan, report=report, restored=Path(ckpt.path) if ckpt is not None else None)
+
+
+def user_error_of(error: BaseException):
+    """The UserError a worker raised (bad input it found on its node), from Ray Train's wrapped
+    error, so the driver prints it as one line; None when the failure was something else."""
+    from sheepop.errors import UserError
+
+    seen, todo = set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e))
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        for attr in ("worker_failures", "errors"):
+            failures = getattr(e, attr, None)
+            if isinstance(failures, dict):
+                todo += list(failures.values())
+            elif isinstance(failures, (list, tuple)):
+                todo += list(failures)
+    return None

@@ -1,0 +1,168 @@
+"""Run a training job: checks and data in the driver, then the same loop on 1 or N ranks.
+
+  cluster.kind=process → train() in this process (world size 1, no Ray)
+  cluster.kind=local   → start Ray on 127.0.0.1, TorchTrainer with num_workers workers
+  cluster.kind=ray     → connect to cluster.address / $RAY_ADDRESS, same TorchTrainer
+
+Everything that can fail from the config alone fails here, before any worker starts. The driver
+decides each thing once — resume checkpoint, batch plan, prepared data — and hands every rank
+the resulting RunPlan (sheepop.train.run_plan).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+from rich.console import Console
+
+from sheepop.config import Config, batch_plan, redact
+from sheepop.errors import UserError
+from sheepop.monitor.metrics_file import read_metrics
+from sheepop.net import require_listening
+
+console = Console()
+
+
+def preflight(cfg: Config) -> Path | None:
+    """Config-only checks; returns the checkpoint to resume from (None = fresh start)."""
+    from sheepop.train import checkpoint
+
+    c = cfg.cluster
+    batch_plan(cfg, c.num_workers)  # raises on a micro batch that does not divide the global batch
+    if c.kind == "ray":
+        check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
+    resume = checkpoint.resolve_resume(cfg)
+    existing = checkpoint.latest(checkpoint.root(cfg))
+    if cfg.trainer.resume == "never" and existing is not None:
+        raise UserError(f"run.dir={cfg.run.dir} already has checkpoints ({existing.name}); "
+                        "use trainer.resume=auto to continue it or a new run.dir")
+    if resume is not None:
+        meta = checkpoint.read_meta(resume)
+        if meta["step"] >= cfg.trainer.max_steps:
+            raise UserError(f"checkpoint {resume} is at step {meta['step']} >= trainer.max_steps="
+                            f"{cfg.trainer.max_steps}: nothing to train; raise trainer.max_steps")
+        check_same_model(cfg, resume)
+    return resume
+
+
+def check_same_model(cfg: Config, ckpt: Path) -> None:
+    """A checkpoint only loads into the model shape it was saved from: say which setting differs
+    now, before DeepSpeed fails on every rank with a page of size mismatches."""
+    saved_cfg = ckpt / "config.yaml"
+    if not saved_cfg.is_file():
+        return
+    saved = yaml.safe_load(saved_cfg.read_text()).get("model", {})
+    now = cfg.model
+    diff = [k for k in now.WEIGHT_FIELDS if k in saved and saved[k] != getattr(now, k)]
+    if diff:
+        shown = ", ".join(f"model.{k}={getattr(now, k)} (checkpoint: {saved[k]})" for k in diff)
+        raise UserError(f"checkpoint {ckpt} holds another model: {shown}; valid: the checkpoint's model "
+                        "settings, or a new run.dir")
+
+
+def check_ray_address(address: str) -> None:
+    """Fail fast (and in one line) when nobody listens at a Ray address."""
+    if not address:
+        raise UserError("cluster=ray needs cluster.address=HOST:PORT (or ray://HOST:10001) or $RAY_ADDRESS")
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port or (10001 if parsed.scheme == "ray" else 6379)
+    require_listening(host, port, f"cluster.address={address}", "start a cluster with `ray start --head` or fix the address")
+
+
+def make_plan(cfg: Config, resume: Path | None, manifest: dict):
+    """The RunPlan every rank gets: decided here, once."""
+    from sheepop.train import checkpoint
+    from sheepop.train.run_plan import RunPlan
+
+    workers = cfg.cluster.num_workers
+    universal = resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage)
+    return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=str(resume) if resume else None,
+                   universal=universal, manifest=manifest)
+
+
+def run(cfg: Config) -> dict:
+    """The driver: validate, prepare data, decide the plan, write config.yaml, train, then plot and sample."""
+    import dataclasses
+
+    from sheepop.data.shards import prepare
+    from sheepop.monitor.live import LiveView
+    from sheepop.monitor.plot import plot_loss
+
+    resume = preflight(cfg)
+    run_dir = Path(cfg.run.dir).expanduser().absolute()
+    # Workers may run in another cwd: every path they get is absolute.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)),
+                              data=dataclasses.replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).expanduser().absolute())))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "STOP").unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
+    console.print(f"[bold]sheepop[/] run → {run_dir}" + (f"  (resuming {resume})" if resume else ""))
+    manifest = prepare(cfg, log=console.print)
+    shutil.copy(Path(cfg.data.out_dir) / "tokenizer.json", run_dir / "tokenizer.json")
+    plan = make_plan(cfg, resume, manifest)
+    console.print(f"{manifest['splits']['train']['tokens']:,} training tokens; {plan.batch.describe()}, "
+                  f"ZeRO stage {cfg.parallelism.zero_stage}" + (" (universal resume)" if plan.universal else ""))
+
+    view = LiveView(run_dir, cfg.trainer.max_steps, console) if cfg.trainer.progress else None
+    try:
+        if view:
+            view.__enter__()
+        if cfg.cluster.kind == "process":
+            from sheepop.train.loop import train
+
+            result = train(plan)  # installs its own Ctrl-C handler
+        else:
+            from sheepop.driver.ray_runner import fit
+
+            with stop_file_on_ctrl_c(run_dir):
+                result = fit(plan, console)
+    finally:
+        if view:
+            view.__exit__(None, None, None)
+    (run_dir / "STOP").unlink(missing_ok=True)
+    ends = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
+    result = {**result, "stopped": bool(ends and ends[-1].get("stopped"))}
+    plot_loss(run_dir)
+    sample = write_sample(cfg, run_dir)
+    console.print(f"[bold]sample[/] ({cfg.trainer.sample_prompt!r} →):\n{sample}")
+    console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, checkpoints/, loss.png}}")
+    return result
+
+
+@contextlib.contextmanager
+def stop_file_on_ctrl_c(run_dir: Path):
+    """In the driver of a Ray run, the first Ctrl-C writes run.dir/STOP: every worker sees it at
+    its next step, saves a checkpoint and returns. A second Ctrl-C aborts."""
+    pressed = []
+
+    def handler(*_):
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(1)
+        (run_dir / "STOP").touch()
+        console.print("[yellow]stopping: workers save a checkpoint at the end of this step (Ctrl-C again to abort)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def write_sample(cfg: Config, run_dir: Path) -> str:
+    """A sample from the latest checkpoint (top-k 40, temperature 0.8, token healing)."""
+    from sheepop.model.generate import complete
+    from sheepop.train.checkpoint import load_model, root
+
+    model, tok, _ = load_model(root(cfg))
+    ids = tok.encode(cfg.trainer.sample_prompt).ids
+    text = complete(model, tok, ids, cfg.trainer.sample_tokens, temperature=0.8, top_k=40, seed=cfg.run.seed)[0]
+    (run_dir / "sample.txt").write_text(text)
+    return text

@@ -1,0 +1,1 @@
+"""Driver-side monitoring: metrics.jsonl readers, the live view, plots, the report."""

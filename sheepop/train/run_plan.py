@@ -1,0 +1,30 @@
+"""The run plan: everything the driver decided, handed to every rank as one typed object.
+
+The driver (sheepop.driver.runner) decides each thing once — the batch plan for the world size,
+the checkpoint to resume from and whether it must go through DeepSpeed's universal format, the
+prepared data — and every rank receives this plan. Ranks verify it (world size, data on their
+node) and never decide again. The one exception is Ray Train's own restart after a worker
+failure: it hands each rank the latest checkpoint it recorded, which then takes the place of
+`resume` (see sheepop.driver.ray_runner).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sheepop.config import BatchPlan, Config
+from sheepop.errors import UserError
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config  # the resolved, validated config (secrets included: never written as is)
+    batch: BatchPlan  # micro batch, accumulation, global batch for batch.world_size ranks
+    resume: str | None  # checkpoint folder to start from; None = a fresh start at step 0
+    universal: bool  # resume from another world size or ZeRO stage: through the universal format
+    manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
+
+    def verify_world(self, world_size: int) -> None:
+        """A rank's check that it runs in the world the plan was made for."""
+        if world_size != self.batch.world_size:
+            raise UserError(f"this rank runs in a world of {world_size}, the run plan was made for "
+                            f"{self.batch.world_size} (cluster.num_workers); the driver must plan again")

@@ -1,0 +1,153 @@
+"""What the tests share: paths, the real CLI in a subprocess, the tiny-run overrides, a Ray head.
+
+Imported as `from tests.helpers import ...` (pyproject's pythonpath = ["."], and tests/ is a
+package), from tests/unit and tests/integration alike. Environment setup and fixtures stay in
+tests/conftest.py; nothing here changes the environment on import.
+
+Time limits here are hang guards, never speed checks: each is several times what the slowest
+normal case takes on a loaded 2-core machine. How fast things are is bench/'s business.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from sheepop.net import free_port
+
+__all__ = ["ROOT", "TMP", "DATA_DIR", "TINY_DATA", "CLI_TIMEOUT", "sheepop", "tiny_overrides", "one_error_line",
+           "letters_only_tokenizer", "wait_for", "free_port", "RayHead"]
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: tests/helpers/__init__.py)
+TMP = Path(os.environ.get("SHEEPOP_TEST_TMP", "/tmp/sheepop-tests"))  # W&B dirs, caches, shared data
+# Prepared corpora are shared by all tests (and reused across runs: prepare() checks inputs).
+DATA_DIR = TMP / "data"
+TINY_DATA = ["data.max_bytes=3000000", f"data.out_dir={DATA_DIR}/stdlib-3mb-v1024"]  # a 3 MB stdlib slice
+
+# A hang guard for one CLI call, training included: a tiny run takes well under a minute here.
+CLI_TIMEOUT = 900.0
+
+
+def sheepop(*args: str, timeout: float = CLI_TIMEOUT, env: dict | None = None,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m sheepop.cli ARGS`) in a subprocess; text stdout/stderr."""
+    return subprocess.run([sys.executable, "-m", "sheepop.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT, env={**os.environ, **(env or {})})
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    """A fast, deterministic in-process run of the tiny model on a slice of the stdlib."""
+    return ["model=tiny", "trainer=quick", "cluster=process", "logger=none", f"run.dir={run_dir}", *TINY_DATA,
+            *extra]
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """A user error: exit 2, exactly one line on stderr, no traceback. Returns that line."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def letters_only_tokenizer():
+    """A BPE without byte fallback (as a user's tokenizer.path might be): ASCII letters only."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["def foo bar baz qux"] * 10,
+                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<|endoftext|>"], show_progress=False))
+    return tok
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.2):
+    """Poll `cond()` until it returns something truthy (returned); AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(poll)
+
+
+@dataclass
+class RayHead:
+    """A `ray start --head --block` on 127.0.0.1 with its own free ports and temp dir.
+
+    Every port is chosen free (other people's clusters may run on this machine), token auth is
+    off, and the temp dir is short (Ray's socket paths must stay < 108 chars). The head inherits
+    this process's environment with the venv's bin first on PATH, so a job's `python` is this
+    interpreter. `stop()` ends it by PID (SIGTERM: `ray start --block` stops everything it
+    started), never with `ray stop`, which would stop every Ray on the machine.
+    """
+
+    address: str  # http://127.0.0.1:<dashboard port>: the jobs API
+    gcs_address: str  # 127.0.0.1:<gcs port>: for cluster.address
+    temp_dir: Path
+    proc: subprocess.Popen
+
+    START_TIMEOUT = 300.0  # hang guard: the head answers in ~10-30 s
+
+    @classmethod
+    def start(cls, num_cpus: int = 2) -> "RayHead":
+        temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+        gcs, dash = free_port(), free_port()
+        ports = {f"--{k}": str(free_port()) for k in (
+            "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "RAY_TMPDIR": str(temp_dir),
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # SIGTERM otherwise waits 30 s "draining" the node
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
+               "127.0.0.1", "--dashboard-host", "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dash),
+               "--num-cpus", str(num_cpus), "--object-store-memory", str(300 * 2**20), "--temp-dir", str(temp_dir),
+               "--disable-usage-stats", *[x for kv in ports.items() for x in kv]]
+        with open(temp_dir / "ray-start.log", "w") as log:
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        head = cls(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir, proc)
+        deadline = time.monotonic() + cls.START_TIMEOUT
+        while not head.answers():  # up when the jobs API answers (the dashboard starts after the GCS)
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = head.log()
+                head.stop()
+                raise RuntimeError(f"ray head did not start: {log[-2000:]}")
+            time.sleep(0.3)
+        return head
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.address}/api/jobs/", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        try:
+            return (self.temp_dir / "ray-start.log").read_text()
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        import psutil
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        # Anything still alive that names our temp dir (workers, agents) goes by PID.
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(str(self.temp_dir) in a for a in (p.info["cmdline"] or [])):
+                    p.kill()
+            except psutil.Error:
+                pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -1,0 +1,70 @@
+"""`sheepop export` on a real trained run: format=hf loads in transformers with identical logits
+and greedy tokens; an existing target is refused unless --force. The mapping on random models
+and the input checks: tests/unit/test_export.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sheepop.model.generate import generate
+from sheepop.train.checkpoint import load_model
+from tests.helpers import one_error_line, sheepop, tiny_overrides
+
+transformers = pytest.importorskip("transformers")
+TEXT = "def area(radius):\n    return 3.14159 * radius ** 2\n"
+
+
+def hf_model(path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(str(path))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    r = sheepop("train", *tiny_overrides(run_dir, "trainer.max_steps=10", "trainer.eval_every=0"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return run_dir
+
+
+def test_cli_export_loads_in_transformers_with_identical_logits(run, tmp_path):
+    out = tmp_path / "hf"
+    r = sheepop("export", f"run.dir={run}", "format=hf", f"out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    ours, tok, _ = load_model(run)
+    hf, hf_tok = hf_model(out)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    ids = tok.encode(TEXT).ids
+    assert hf_tok(TEXT)["input_ids"] == ids and hf_tok.decode(ids) == TEXT
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.pad_token == "<|pad|>"
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        diff = (ours(x) - hf(x).logits).abs().max().item()
+    assert diff < 1e-4
+    # Greedy continuation through HF's own generate loop and KV cache.
+    new = generate(ours, [ids], 20)[0]
+    theirs = hf.generate(x, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert new[:len(theirs)] == theirs
+
+
+@pytest.mark.parametrize("fmt, name", [("hf", "taken"), ("pt", "taken.pt")])
+def test_existing_target_is_refused_unless_forced(run, tmp_path, fmt, name):
+    out = tmp_path / name
+    if fmt == "hf":
+        out.mkdir()
+        (out / "precious.txt").write_text("keep me")
+    else:
+        out.write_text("keep me")
+    r = sheepop("export", f"run.dir={run}", f"format={fmt}", f"out={out}")
+    assert f"out={out} already exists; pass --force" in one_error_line(r)
+    assert (out / "precious.txt" if fmt == "hf" else out).read_text() == "keep me"
+    r = sheepop("export", f"run.dir={run}", f"format={fmt}", f"out={out}", "--force")
+    assert r.returncode == 0, r.stderr[-2000:]
+    if fmt == "hf":
+        assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    else:
+        saved = torch.load(out, map_location="cpu", weights_only=False)
+        assert saved["step"] == 10 and (out.parent / "tokenizer.json").is_file()
+        assert {t.dtype for t in saved["model"].values()} == {torch.float32}

@@ -1,0 +1,95 @@
+"""sheepop.compat: every library workaround still works with the installed versions, and the
+ones whose need can be read from the library's code are still needed (a failure after an
+upgrade means: delete the workaround, or fix it)."""
+from __future__ import annotations
+
+import logging
+import os
+from importlib.metadata import version
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sheepop import compat
+
+
+@pytest.mark.parametrize("package", sorted(compat.WRITTEN_FOR))
+def test_installed_versions_are_the_ones_the_workarounds_were_written_for(package):
+    # A new minor version may fix or break what compat.py works around: re-check, then move the pin.
+    assert version(package).startswith(compat.WRITTEN_FOR[package] + "."), (
+        f"{package} {version(package)}: compat.py was written for {compat.WRITTEN_FOR[package]}; re-check each workaround")
+
+
+def test_deepspeed_still_shares_the_universal_step_tensor():
+    assert compat.deepspeed_shares_universal_step(), "DeepSpeed fixed it: drop part 2 of fix_zero3_universal_load"
+
+
+def test_zero3_universal_load_fix_unshares_steps_and_restores_decay():
+    step = torch.tensor(5.0)
+    inner = SimpleNamespace(state={"a": {"step": step}, "b": {"step": step}, "c": {"step": torch.tensor(1.0)}})
+    groups = [{"weight_decay": 0.1}, {"weight_decay": 0.1}]  # what the buggy load leaves: group 0's value everywhere
+    engine = SimpleNamespace(optimizer=SimpleNamespace(optimizer=inner, param_groups=groups))
+    compat.fix_zero3_universal_load(engine, [0.1, 0.0])
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    a, b = inner.state["a"]["step"], inner.state["b"]["step"]
+    assert a is not b and float(a) == float(b) == 5.0
+    a += 1  # AdamW increments in place: the other group's counter must not move
+    assert float(b) == 5.0
+
+
+def test_before_deepspeed_import_picks_cpu_without_cuda(monkeypatch):
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    compat.before_deepspeed_import()
+    assert os.environ["DS_ACCELERATOR"] == ("cpu" if not torch.cuda.is_available() else os.environ["DS_ACCELERATOR"])
+
+
+def test_ray_private_upload_helpers_walk_like_ray(tmp_path):
+    (tmp_path / "keep.py").write_text("x = 1\n")
+    (tmp_path / "skip.log").write_text("noise\n")
+    (tmp_path / "ignored").mkdir()
+    (tmp_path / "ignored" / "big.bin").write_bytes(b"0" * 10)
+    (tmp_path / ".gitignore").write_text("ignored/\n")
+    found = []
+    compat.ray_upload_files(tmp_path, ["*.log"], lambda p: p.is_file() and found.append(p.name), True,
+                            logging.getLogger("test"))
+    assert sorted(found) == [".gitignore", "keep.py"]
+    assert compat.ray_upload_limit() >= 100 * 2**20
+
+
+def test_ray_job_env_vars_reads_the_jobs_runtime_env(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {"A": "1"}}}')
+    assert compat.ray_job_env_vars() == {"A": "1"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert compat.ray_job_env_vars() == {}
+
+
+def test_ray_loopback_only_switches_off_ray_cluster_mode(monkeypatch):
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    env = compat.ray_loopback_only()
+    from ray._private import ray_constants
+
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+    assert env.get("GLOO_SOCKET_IFNAME") in ("lo", "lo0")
+
+
+def test_hydra_private_sweep_and_escape_helpers():
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeps = OverridesParser.create().parse_overrides(["a=1,2", "b=x,y"])
+    combos = compat.hydra_sweep_combinations(sweeps)
+    assert sorted(map(tuple, combos)) == [("a=1", "b=x"), ("a=1", "b=y"), ("a=2", "b=x"), ("a=2", "b=y")]
+    assert compat.hydra_escape("a,b=(c)") == r"a\,b\=\(c\)"
+
+
+def test_deepspeed_build_notice_goes_to_its_logger(capsys):
+    import importlib
+
+    import torch as real_torch
+
+    assert compat.deepspeed_prints_build_notice(), "DeepSpeed no longer print()s it: drop quiet_deepspeed_build_notice"
+    compat.quiet_deepspeed_build_notice()
+    module = importlib.import_module("deepspeed.comm.torch")
+    assert not hasattr(real_torch, "print")
+    module.print("DeepSpeed x built successfully")
+    assert "built successfully" not in capsys.readouterr().out

@@ -1,0 +1,113 @@
+"""Config composition and the CLI's one-line errors."""
+import json
+import sys
+
+import pytest
+
+from sheepop.config import BatchPlan, batch_plan, compose, group_options, to_dict
+from sheepop.errors import UserError
+from tests.helpers import ROOT, sheepop
+
+
+def test_presets_compose_and_validate():
+    for model in group_options("model"):
+        cfg = compose([f"model={model}"])
+        assert cfg.model.name == model
+        assert cfg.tokenizer.vocab_size == cfg.model.vocab_size  # follows the model
+    for par in group_options("parallelism"):
+        assert compose([f"parallelism={par}"]).parallelism.name == par
+
+
+def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
+    cfg = compose(["model=tiny", "trainer.max_steps=7", "parallelism=zero3"])
+    assert cfg.trainer.max_steps == 7 and cfg.parallelism.zero_stage == 3
+    assert "${" not in cfg.run.dir and cfg.run.dir.startswith("outputs/")
+    plain = to_dict(cfg)  # the YAML-able form: plain dicts all the way down, same values
+    assert plain["trainer"]["max_steps"] == 7 and plain["run"]["dir"] == cfg.run.dir
+    assert json.loads(json.dumps(plain)) == plain
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("trainer.max_stepz=3", "valid keys in trainer: beta1"),
+    ("model=nonexistent", "valid: gpt2-124m, llama-1b, llama-7b, small, tiny"),
+    ("trainer.max_steps=abc", "trainer.max_steps"),
+    ("model.d_model=97", "divisible"),
+    ("cluster.num_workers=0", "cluster.num_workers=0"),
+    ("trainer.precision=fp8", "valid: auto, bf16, bf16-autocast, fp32"),
+    ("cluster.storage_path=s3://bucket/runs", "valid: a directory every node mounts"),
+    ("trainer.warmup_steps=-5", "trainer.warmup_steps=-5 must be >= 0"),
+    ("trainer.eval_batches=0", "trainer.eval_batches=0 must be >= 1"),
+    ("trainer.beta2=1.5", "trainer.beta2=1.5, trainer.eps="),
+    ("cluster.cpus_per_worker=-1", "cluster.cpus_per_worker=-1 must be >= 0"),
+    ("trainer.resume=/does/not/exist", "no such checkpoint"),
+])
+def test_bad_config_is_one_user_error(override, expected):
+    with pytest.raises(UserError, match=expected.replace("(", r"\(")):
+        compose([override])
+
+
+# The CLI in a child that reports, as it exits, which heavy libraries it imported.
+HEAVY = ("torch", "deepspeed", "ray")
+IMPORTS_REPORTED = """
+import atexit, json, sys
+atexit.register(lambda: open(sys.argv[1], "w").write(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules))))
+from sheepop.cli import main
+sys.exit(main(sys.argv[2:]))
+""".format(heavy=HEAVY)
+
+
+@pytest.mark.parametrize("args", [["trainer.max_stepz=3"], ["model=nonexistent"]])
+def test_cli_bad_override_one_line_nonzero_before_any_heavy_import(args, tmp_path):
+    """A config error is answered from the config alone: one line, exit 2, nothing written, and
+    neither torch, DeepSpeed nor Ray imported (what makes it fast; the time itself is bench/'s)."""
+    import subprocess
+
+    report = tmp_path / "imports.json"
+    r = subprocess.run([sys.executable, "-c", IMPORTS_REPORTED, str(report), "train", *args, f"run.dir={tmp_path}/run"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert args[0].split("=")[0] in lines[0]
+    assert not (tmp_path / "run").exists()  # failed before writing anything
+    assert json.loads(report.read_text()) == []  # no heavy import: the error came before any
+
+
+def test_help_lists_commands_and_config_groups():
+    r = sheepop("--help")
+    assert r.returncode == 0 and "train" in r.stdout and "prepare" in r.stdout and "generate" in r.stdout
+    r = sheepop("train", "--help")
+    assert r.returncode == 0
+    assert "model: gpt2-124m, llama-1b, llama-7b, small, tiny" in r.stdout
+    assert "parallelism: ddp, zero1, zero2, zero3, zero3_offload" in r.stdout
+
+
+def test_global_batch_stays_fixed_across_world_sizes():
+    cfg = compose(["model=tiny", "trainer.micro_batch_size=4", "trainer.global_batch_size=16"])
+    p1, p2, p4 = (batch_plan(cfg, w) for w in (1, 2, 4))
+    assert all(isinstance(p, BatchPlan) for p in (p1, p2, p4))
+    assert [p.grad_accum_steps for p in (p1, p2, p4)] == [4, 2, 1]
+    assert [p.world_size for p in (p1, p2, p4)] == [1, 2, 4]
+    assert {(p.micro_batch_size, p.global_batch_size, p.seq_len) for p in (p1, p2, p4)} == {(4, 16, 128)}
+    assert p1.tokens_per_step == p2.tokens_per_step == p4.tokens_per_step == 16 * 128
+    with pytest.raises(UserError, match="not a multiple"):
+        compose(["model=tiny", "trainer.micro_batch_size=3", "trainer.global_batch_size=16"])
+
+
+def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
+    from sheepop.train.engine import deepspeed_config
+
+    base = ["parallelism=zero2", "cluster=local", "cluster.num_workers=2"]
+    nested = compose([*base, "parallelism.deepspeed.zero_optimization.reduce_scatter=false"])
+    ds = deepspeed_config(nested, batch_plan(nested, 2))
+    assert ds["zero_optimization"]["reduce_scatter"] is False and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    whole = compose([*base, "parallelism.deepspeed={wall_clock_breakdown:true,zero_optimization:{round_robin_gradients:true}}"])
+    ds = deepspeed_config(whole, batch_plan(whole, 2))
+    assert ds["wall_clock_breakdown"] is True  # sheepop's own value (False) loses: raw keys merge last
+    assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["zero_optimization"]["stage"] == 2
+    for raw, ours in (("train_batch_size=99", "trainer.global_batch_size"), ("fp16={enabled:true}", "trainer.precision"),
+                      ("zero_optimization.stage=3", "parallelism.zero_stage")):
+        with pytest.raises(UserError, match=f"set {ours} instead"):
+            compose([*base, f"parallelism.deepspeed.{raw}"])
