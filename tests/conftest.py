@@ -65,3 +65,14 @@ def ray_head():
         yield head
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3 server (moto) on 127.0.0.1 for the session; tests make their own buckets."""
+    from tests.helpers.s3 import S3Server
+
+    (TMP / "s3").mkdir(parents=True, exist_ok=True)
+    server = S3Server(TMP / "s3")
+    yield server
+    server.stop()

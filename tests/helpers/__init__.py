@@ -22,7 +22,7 @@ from pathlib import Path
 from sheepop.net import free_port
 
 __all__ = ["ROOT", "TMP", "DATA_DIR", "TINY_DATA", "CLI_TIMEOUT", "sheepop", "tiny_overrides", "one_error_line",
-           "letters_only_tokenizer", "wait_for", "free_port", "RayHead"]
+           "letters_only_tokenizer", "wait_for", "free_port", "RayHead", "RayNode"]
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: tests/helpers/__init__.py)
 TMP = Path(os.environ.get("SHEEPOP_TEST_TMP", "/tmp/sheepop-tests"))  # W&B dirs, caches, shared data
@@ -97,19 +97,20 @@ class RayHead:
     START_TIMEOUT = 300.0  # hang guard: the head answers in ~10-30 s
 
     @classmethod
-    def start(cls, num_cpus: int = 2) -> "RayHead":
+    def start(cls, num_cpus: int = 2, env: dict | None = None, resources: str | None = None) -> "RayHead":
+        """env: extra variables for the head's processes (its workers inherit them);
+        resources: a JSON dict of custom resources (e.g. '{"head": 1}')."""
         temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
         gcs, dash = free_port(), free_port()
         ports = {f"--{k}": str(free_port()) for k in (
             "ray-client-server-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
             "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port")}
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               "RAY_TMPDIR": str(temp_dir),
-               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}  # SIGTERM otherwise waits 30 s "draining" the node
+        env = _node_env(temp_dir, env)
         cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address",
                "127.0.0.1", "--dashboard-host", "127.0.0.1", "--port", str(gcs), "--dashboard-port", str(dash),
                "--num-cpus", str(num_cpus), "--object-store-memory", str(300 * 2**20), "--temp-dir", str(temp_dir),
-               "--disable-usage-stats", *[x for kv in ports.items() for x in kv]]
+               "--disable-usage-stats", *[x for kv in ports.items() for x in kv],
+               *(["--resources", resources] if resources else [])]
         with open(temp_dir / "ray-start.log", "w") as log:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         head = cls(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", temp_dir, proc)
@@ -135,6 +136,11 @@ class RayHead:
         except OSError:
             return ""
 
+    def add_node(self, num_cpus: int = 2, env: dict | None = None, resources: str | None = None) -> "RayNode":
+        """A second Ray node joining this head (`ray start --address`), with its own ports and
+        environment, all on 127.0.0.1: another machine, as far as Ray can tell."""
+        return RayNode.start(self, num_cpus, env, resources)
+
     def stop(self) -> None:
         import psutil
 
@@ -151,3 +157,53 @@ class RayHead:
             except psutil.Error:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _node_env(temp_dir: Path, extra: dict | None) -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            "RAY_TMPDIR": str(temp_dir),
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM otherwise waits 30 s "draining" the node
+            **(extra or {})}
+
+
+@dataclass
+class RayNode:
+    """A worker node (`ray start --address HEAD --block`) on 127.0.0.1 with its own free ports and
+    environment; stopped by PID like the head."""
+
+    head: RayHead
+    proc: subprocess.Popen
+    log_path: Path
+
+    @classmethod
+    def start(cls, head: RayHead, num_cpus: int, env: dict | None, resources: str | None) -> "RayNode":
+        ports = {f"--{k}": str(free_port()) for k in (
+            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+            "metrics-export-port", "node-manager-port", "object-manager-port")}
+        log_path = head.temp_dir / f"ray-node-{len(list(head.temp_dir.glob('ray-node-*.log')))}.log"
+        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--address", head.gcs_address, "--block",
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+               "--object-store-memory", str(300 * 2**20), "--disable-usage-stats",
+               *[x for kv in ports.items() for x in kv], *(["--resources", resources] if resources else [])]
+        with open(log_path, "w") as log:
+            proc = subprocess.Popen(cmd, env=_node_env(head.temp_dir, env), stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        node = cls(head, proc, log_path)
+
+        def joined() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"ray node did not start: {log_path.read_text()[-2000:]}")
+            alive = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", "nodes", "--address",
+                                    head.address, "--format", "json", "--filter", "state=ALIVE"],
+                                   capture_output=True, text=True, env=_node_env(head.temp_dir, None))
+            return alive.returncode == 0 and alive.stdout.count('"node_id"') >= 2
+
+        wait_for(joined, RayHead.START_TIMEOUT, "the second Ray node to join", poll=1.0)
+        return node
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

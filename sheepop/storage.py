@@ -1,0 +1,327 @@
+"""Where a run's files live: a local folder or an object store, behind one small set of functions.
+
+A location is a string: a local path (`/runs/a`, `outputs/x`) or a URI (`s3://bucket/prefix`,
+`gs://bucket/prefix`, any scheme pyarrow knows, and fsspec's through pyarrow's FSSpecHandler).
+Checkpoints, the run's mirrored files, prepared data and the commands that read a run all go
+through here, so nothing assumes a disk that every node shares.
+
+Credentials and endpoints never come from sheepop's config: S3 reads the standard AWS_*
+variables (AWS_ENDPOINT_URL for a custom endpoint, AWS_ACCESS_KEY_ID/..., AWS_PROFILE) or the
+machine's role; GCS its application-default credentials.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+_fs_cache: dict[tuple[str, str], object] = {}
+
+
+def is_uri(location: str | Path) -> bool:
+    """True for object-store (or any non-local) URIs; file:// counts as local."""
+    s = str(location)
+    return "://" in s and not s.startswith("file://")
+
+
+def local_path(location: str | Path) -> Path:
+    s = str(location)
+    return Path(s[len("file://"):] if s.startswith("file://") else s).expanduser()
+
+
+def normalize(location: str | Path) -> str:
+    """An absolute local path, or the URI without a trailing slash."""
+    if is_uri(location):
+        return str(location).rstrip("/")
+    return str(local_path(location).absolute())
+
+
+def join(location: str | Path, *parts: str) -> str:
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), *[p.strip("/") for p in parts if p]])
+    return str(local_path(location).joinpath(*parts))
+
+
+def name(location: str | Path) -> str:
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def filesystem(location: str | Path):
+    """(pyarrow filesystem, path inside it) for a location."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), str(local_path(location).absolute())
+    u = urlparse(str(location))
+    # The endpoint and credentials come from the environment: a changed one needs a new client.
+    key = (u.scheme, u.netloc, os.environ.get("AWS_ENDPOINT_URL", ""), os.environ.get("AWS_ACCESS_KEY_ID", ""))
+    fs = _fs_cache.get(key)
+    path = (u.netloc + u.path).rstrip("/")
+    if fs is None:
+        try:
+            fs, path = pafs.FileSystem.from_uri(str(location))
+        except (pafs.ArrowInvalid, ValueError, OSError) as e:
+            if "Unrecognized filesystem type" not in str(e) and "unknown" not in str(e).lower():
+                raise
+            import fsspec
+
+            ffs, path = fsspec.core.url_to_fs(str(location))
+            fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
+        _fs_cache[key] = fs
+    return fs, path.rstrip("/")
+
+
+def exists(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(location: str | Path) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def listdir(location: str | Path) -> list[str]:
+    """Names of the entries directly inside a folder ([] when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(i.base_name for i in infos)
+
+
+def sizes(location: str | Path) -> dict[str, int]:
+    """{relative path: size} of every file below a folder."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return {i.path[len(path):].lstrip("/"): i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def read_bytes(location: str | Path) -> bytes:
+    fs, path = filesystem(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str | Path) -> str:
+    return read_bytes(location).decode()
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a whole file; local writes go through a temporary name (readers never see half a file)."""
+    if not is_uri(location):
+        p = local_path(location)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(p)
+        return
+    fs, path = filesystem(location)
+    with fs.open_output_stream(path) as f:  # an object appears only when its upload completes
+        f.write(data)
+
+
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def remove(location: str | Path) -> None:
+    """Delete a file or a folder with everything in it (nothing if it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem(location)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def upload(local_dir: str | Path, location: str | Path, files: list[str] | None = None) -> None:
+    """Copy files (relative paths; default: all) from a local folder to a location."""
+    local_dir = Path(local_dir)
+    files = files if files is not None else [str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file()]
+    if not is_uri(location):
+        dst = local_path(location)
+        for rel in files:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(local_dir / rel, dst / rel)
+        return
+    fs, path = filesystem(location)
+    for rel in files:
+        with open(local_dir / rel, "rb") as src, fs.open_output_stream(f"{path}/{rel}") as out:
+            shutil.copyfileobj(src, out, length=8 * 2**20)
+
+
+def download(location: str | Path, local_dir: str | Path, files: list[str] | None = None) -> Path:
+    """Copy files (relative paths; default: all) from a location into a local folder; returns it.
+    A file already there with the same size is kept."""
+    local_dir = Path(local_dir)
+    have = sizes(location)
+    wanted = files if files is not None else list(have)
+    fs, path = filesystem(location)
+    for rel in wanted:
+        dst = local_dir / rel
+        if dst.is_file() and rel in have and dst.stat().st_size == have[rel]:
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")
+        with fs.open_input_stream(f"{path}/{rel}") as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, length=8 * 2**20)
+        tmp.replace(dst)
+    return local_dir
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 * 2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_dir(location: str | Path) -> Path:
+    """The local folder that mirrors a remote location on this machine (a local location is itself)."""
+    if not is_uri(location):
+        return local_path(location)
+    base = os.environ.get("SHEEPOP_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sheepop"
+    u = urlparse(str(location))
+    return Path(base) / "storage" / u.scheme / u.netloc / u.path.strip("/")
+
+
+# --- checks before anything starts -------------------------------------------------------------
+
+CHECK_SECONDS = 8.0  # the whole check answers within this, whatever the network does
+
+
+def s3_endpoint() -> str:
+    """The S3 endpoint requests go to: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS's own."""
+    custom = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if custom:
+        return custom.rstrip("/")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return f"https://s3.{region}.amazonaws.com"
+
+
+def s3_credential_source() -> str | None:
+    """Where S3 credentials would come from without asking the network, or None. An instance
+    or pod role is found only by asking the metadata service, which the SDK does itself: that
+    counts as a source unless AWS_EC2_METADATA_DISABLED says there is none."""
+    env = os.environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return "AWS_ACCESS_KEY_ID"
+    if env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return "AWS_WEB_IDENTITY_TOKEN_FILE"
+    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
+        return "container credentials"
+    files = [Path(env.get("AWS_SHARED_CREDENTIALS_FILE", Path.home() / ".aws" / "credentials")),
+             Path(env.get("AWS_CONFIG_FILE", Path.home() / ".aws" / "config"))]
+    if any(f.is_file() and "aws_access_key_id" in f.read_text(errors="replace") for f in files):
+        return f"profile {env.get('AWS_PROFILE', 'default')}"
+    if env.get("AWS_EC2_METADATA_DISABLED", "").lower() != "true":
+        return "instance metadata (role)"
+    return None
+
+
+def check_writable(location: str, setting: str) -> None:
+    """One UserError line, within CHECK_SECONDS, when a run could not write to `location`:
+    unreachable endpoint, missing credentials, a bucket that does not exist, no write permission."""
+    import threading
+
+    from sheepop.errors import UserError
+
+    if not is_uri(location):
+        p = local_path(location)
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            probe = p / f".sheepop-write-check-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UserError(f"{setting}={location}: cannot write there ({e.strerror or e}); "
+                            "valid: a writable folder or an object-store URI (s3://bucket/prefix)") from None
+        return
+    u = urlparse(location)
+    if u.scheme == "s3":
+        _check_s3_reachable(location, setting)
+        if s3_credential_source() is None:
+            raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
+    outcome: list = []
+
+    def probe_write() -> None:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = filesystem(location)
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                outcome.append(UserError(f"{setting}={location}: bucket '{bucket}' does not exist; "
+                                         "create it first or fix the URI"))
+                return
+            target = f"{path}/.sheepop-write-check-{os.getpid()}"
+            with fs.open_output_stream(target) as f:
+                f.write(b"")
+            fs.delete_file(target)
+            outcome.append(None)
+        except Exception as e:  # pyarrow raises OSError with the SDK's message
+            msg = str(e)
+            if "ACCESS_DENIED" in msg or "AccessDenied" in msg or "403" in msg:
+                why = "no write permission (Access Denied)"
+            elif "credential" in msg.lower() or "INVALID_ACCESS_KEY" in msg or "SIGNATURE" in msg.upper():
+                why = "the credentials were refused"
+            else:
+                why = msg.splitlines()[0][:200]
+            outcome.append(UserError(f"{setting}={location}: {why}"))
+
+    t = threading.Thread(target=probe_write, daemon=True)
+    t.start()
+    t.join(CHECK_SECONDS)
+    if not outcome:
+        raise UserError(f"{setting}={location}: no answer within {CHECK_SECONDS:g} s"
+                        + (f" from {s3_endpoint()}" if u.scheme == "s3" else ""))
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _check_s3_reachable(location: str, setting: str) -> None:
+    """A TCP connection to the S3 endpoint within 3 s (name resolution included)."""
+    import socket
+    import threading
+
+    from sheepop.errors import UserError
+
+    endpoint = s3_endpoint()
+    e = urlparse(endpoint)
+    host, port = e.hostname or "", e.port or (443 if e.scheme == "https" else 80)
+    problem: list[str] = []
+
+    def connect() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=3.0):
+                problem.append("")
+        except OSError as err:
+            problem.append(err.strerror or str(err))
+
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(3.5)
+    why = problem[0] if problem else "no answer within 3 s"
+    if why:
+        raise UserError(f"{setting}={location}: cannot reach the S3 endpoint {endpoint} ({why}); "
+                        "set AWS_ENDPOINT_URL to a reachable endpoint or check the network")

@@ -1,0 +1,75 @@
+"""sheepop.storage against a local folder and a real S3 server on loopback (moto), and the
+checks that fail before anything starts: one line each, naming the problem."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from sheepop import storage
+from sheepop.errors import UserError
+from tests.helpers.s3 import S3Server
+
+
+@pytest.fixture()
+def s3_env(s3, monkeypatch):
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    return s3
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_files_round_trip(kind, tmp_path, s3_env):
+    base = str(tmp_path / "store") if kind == "local" else f"s3://{s3_env.bucket(f'rt-{os.getpid()}')}/prefix"
+    storage.write_text(storage.join(base, "a", "b.txt"), "hello")
+    assert storage.exists(base) and storage.is_file(storage.join(base, "a", "b.txt"))
+    assert storage.read_text(storage.join(base, "a", "b.txt")) == "hello"
+    local = tmp_path / "up"
+    (local / "ds").mkdir(parents=True)
+    (local / "ds" / "x.pt").write_bytes(b"0" * 1000)
+    (local / "meta.json").write_text("{}")
+    storage.upload(local, storage.join(base, "ck"))
+    assert storage.sizes(storage.join(base, "ck")) == {"ds/x.pt": 1000, "meta.json": 2}
+    assert storage.listdir(base) == ["a", "ck"]
+    got = storage.download(storage.join(base, "ck"), tmp_path / "down", files=["ds/x.pt"])
+    assert (got / "ds" / "x.pt").read_bytes() == b"0" * 1000 and not (got / "meta.json").exists()
+    storage.remove(storage.join(base, "ck"))
+    assert storage.listdir(base) == ["a"]
+
+
+def test_unreachable_endpoint_is_one_line(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    with pytest.raises(UserError, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9"):
+        storage.check_writable("s3://nope/x", "cluster.storage_path")
+
+
+def test_missing_credentials_missing_bucket(s3_env, monkeypatch):
+    with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
+        storage.check_writable("s3://no-such-bucket/x", "cluster.storage_path")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(UserError, match="no AWS credentials"):
+        storage.check_writable(f"s3://{s3_env.bucket('creds-check')}/x", "cluster.storage_path")
+
+
+def test_no_write_permission(tmp_path, monkeypatch):
+    """moto with authentication on: an IAM user allowed to read but not to write."""
+    server = S3Server(tmp_path, enforce_auth_after=4)  # bucket, user, policy, key: then auth is checked
+    try:
+        for k, v in server.env().items():
+            monkeypatch.setenv(k, v)
+        bucket = server.bucket("read-only-bucket")
+        for k, v in server.read_only_user().items():
+            monkeypatch.setenv(k, v)
+        storage._fs_cache.clear()
+        with pytest.raises(UserError, match="no write permission"):
+            storage.check_writable(f"s3://{bucket}/runs", "cluster.storage_path")
+    finally:
+        server.stop()
+
+
+def test_writable_locations_pass(s3_env, tmp_path):
+    storage.check_writable(str(tmp_path / "new" / "dir"), "run.dir")
+    storage.check_writable(f"s3://{s3_env.bucket('fine-bucket')}/runs", "cluster.storage_path")
+    assert storage.listdir("s3://fine-bucket/runs") == []  # the probe object is gone again
