@@ -68,7 +68,7 @@ class DataConfig:
     max_bytes: int = 0  # stop reading after this many bytes of text (0 = everything)
     val_fraction: float = 0.02  # share of documents held out for validation (by document)
     shard_tokens: int = 16_777_216  # tokens per shard file
-    out_dir: str = "outputs/data/${data.name}-v${tokenizer.vocab_size}"  # shards + manifest.json; reused when inputs match
+    out_dir: str = "outputs/data/${data.name}-v${tokenizer.vocab_size}"  # shards + manifest.json (a folder or s3://...); reused when inputs match
     num_workers: int = 1  # prepare workers: 1 = in this process, >= 2 = Ray Data actors
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -138,8 +138,9 @@ class ClusterConfig:
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: int = 0  # CPU threads per worker; 0 = kind=local: this machine's cores / num_workers, else 1
     gpus_per_worker: int = 1
-    storage_path: str = ""  # shared folder for checkpoints (<storage_path>/checkpoints); empty = run.dir
+    storage_path: str = ""  # where checkpoints and the run's files go: <storage_path>/<run.name>/ (a folder or s3://, gs://, ...); empty = run.dir
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
+    checkpoint_upload: str = "async"  # async: training goes on while a checkpoint uploads | sync: it waits
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
     gpu: str = "h100-80gb"  # GPU type, for `sheepop plan` (sheepop.perf.GPUS)
     mfu: float = 0.4  # model FLOPs utilisation `sheepop plan` assumes for its time estimate
@@ -300,13 +301,19 @@ def validate(cfg: DictConfig) -> None:
          f"cluster.num_workers={c.num_workers} needs Ray: use cluster=local (cluster=process runs one rank)")
     need(str(c.use_gpu).lower() in ("auto", "true", "false"), f"cluster.use_gpu={c.use_gpu}; valid: auto, true, false")
     need(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
+    need(c.checkpoint_upload in ("async", "sync"), f"cluster.checkpoint_upload={c.checkpoint_upload}; valid: async, sync")
     for key in ("num_cpus", "cpus_per_worker"):
         need(c[key] >= 0, f"cluster.{key}={c[key]} must be >= 0 (0 = automatic)")
     need(0 < c.mfu <= 1, f"cluster.mfu={c.mfu} must be in (0, 1]")
     need(c.gpus_per_worker >= 1, f"cluster.gpus_per_worker={c.gpus_per_worker} must be >= 1 (used when workers get GPUs)")
-    # Checkpoints are read back with plain file APIs (resume=auto lists them, loading reads the shards).
-    need("://" not in c.storage_path, f"cluster.storage_path={c.storage_path}: cloud URIs are not supported; "
-         "valid: a directory every node mounts (NFS, EFS, Lustre, or local for one machine)")
+    for key, value in (("cluster.storage_path", c.storage_path), ("data.out_dir", cfg.data.out_dir)):
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        need(not scheme or scheme in STORAGE_SCHEMES or _fsspec_knows(scheme),
+             f"{key}={value}: unknown storage scheme '{scheme}://'; valid: a folder, or "
+             f"{', '.join(s + '://' for s in STORAGE_SCHEMES)} (or another fsspec protocol)")
+    need("://" not in cfg.run.dir or cfg.run.dir.startswith("file://"),
+         f"run.dir={cfg.run.dir}: a run writes its live files to a local folder; valid: a local path "
+         "(put cluster.storage_path=s3://... to keep checkpoints and the run's files in object storage)")
     need(lg.kind in ("none", "wandb"), f"logger.kind={lg.kind}; valid: none, wandb")
     need(lg.mode in ("auto", "online", "offline", "disabled"), f"logger.mode={lg.mode}; valid: auto, online, offline, disabled")
     d, dc, dd = cfg.data, cfg.data.clean, cfg.data.dedup
@@ -358,6 +365,18 @@ class BatchPlan:
     def describe(self) -> str:
         return (f"global batch {self.global_batch_size} × {self.seq_len} = {self.tokens_per_step:,} tokens/step "
                 f"({self.world_size} worker(s) × micro {self.micro_batch_size} × accum {self.grad_accum_steps})")
+
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "az", "file")  # pyarrow's own filesystems
+
+
+def _fsspec_knows(scheme: str) -> bool:
+    try:
+        import fsspec
+
+        return scheme in fsspec.available_protocols()
+    except ImportError:
+        return False
 
 
 def batch_plan(cfg: "Config", world_size: int) -> BatchPlan:

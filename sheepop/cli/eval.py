@@ -92,6 +92,23 @@ def _prepare_files(data_overrides: list[str], tokenizer_json: Path, vocab_size: 
     return prepare(cfg, log=lambda *_: None, progress=False)
 
 
+def _run_data(out_dir: str) -> Path:
+    """The run's prepared data on this machine (a verified local copy when it is in storage)."""
+    import json
+
+    from sheepop import storage
+    from sheepop.data.shards import verify_prepared
+
+    if not storage.is_uri(out_dir):
+        return Path(out_dir)
+    try:
+        manifest = json.loads(storage.read_text(storage.join(out_dir, "manifest.json")))
+    except (OSError, ValueError):
+        raise UserError(f"the run's prepared data ({out_dir}) is not there; run `sheepop prepare` with the run's "
+                        "data settings, or pass data=... to score files") from None
+    return verify_prepared(out_dir, manifest)
+
+
 def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = 8, seq_len: int = 0) -> dict:
     """Loss and perplexity of a run's latest checkpoint on a split or a file set."""
@@ -104,7 +121,7 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
     seq = seq_len or cfg["trainer"].get("seq_len") or model.args.max_seq_len
     if not 1 <= seq <= model.args.max_seq_len:
         raise UserError(f"seq_len={seq} must be in [1, model.max_seq_len={model.args.max_seq_len}]")
-    ckpt_tok = Path(meta["path"]) / "tokenizer.json"
+    ckpt_tok = Path(meta["local"]) / "tokenizer.json"
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="sheepop-eval-") as tmp:
         if data_overrides:
@@ -117,7 +134,7 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
         else:
             if split not in ("train", "val"):
                 raise UserError(f"split={split}; valid: train, val")
-            data_dir = Path(cfg["data"]["out_dir"])
+            data_dir = _run_data(cfg["data"]["out_dir"])
             if not (data_dir / "manifest.json").is_file():
                 raise UserError(f"the run's prepared data ({data_dir}) is not there (relative paths are from the "
                                 f"directory training ran in); run `sheepop prepare` with the run's data and tokenizer "

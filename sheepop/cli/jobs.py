@@ -45,7 +45,8 @@ EXCLUDES = [
 ]
 
 # Forwarded when set in the submitter's environment; `--env NAME` adds more.
-DEFAULT_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "HF_TOKEN")
+DEFAULT_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "HF_TOKEN",
+                   "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")  # where object storage is, not who may use it
 
 # Job state → exit code of `status`, `logs --follow`, `submit --follow`.
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -222,15 +223,23 @@ def plan_jobs(overrides: list[str], multirun: bool, force: bool = False) -> list
             fits, message = check_fits(cfg)  # the same check as `sheepop plan`
             if not fits:
                 raise UserError(f"{message} (--force submits anyway)")
-        jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys})
+        jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys,
+                     "storage": (cfg.cluster.storage_path, cfg.run.name) if cfg.cluster.storage_path else None})
     dirs = [j["run_dir"] for j in jobs]
     if len(set(dirs)) < len(dirs):
         for n, j in enumerate(jobs):
             j["run_dir"] = f"{j['run_dir'].rstrip('/')}/{n}"
-    for j in jobs:
-        kept = [o.input_line for o in parse_overrides(j["overrides"]) if _key(o) != "run.dir"]
-        j["overrides"] = kept + [f"run.dir={hydra_escape(j['run_dir'])}"]
+    # Jobs that would share <storage_path>/<run.name> get a name each, as they get a run.dir each.
+    places = [j["storage"] for j in jobs if j["storage"]]
+    shared = len(set(places)) < len(places)
+    for n, j in enumerate(jobs):
+        pinned = {"run.dir": j["run_dir"]}
+        if shared and j["storage"]:
+            pinned["run.name"] = f"{j['storage'][1]}-{n}"
+        kept = [o.input_line for o in parse_overrides(j["overrides"]) if _key(o) not in pinned]
+        j["overrides"] = kept + [f"{k}={hydra_escape(v)}" for k, v in pinned.items()]
         j.pop("keys")
+        j.pop("storage")
     return jobs
 
 

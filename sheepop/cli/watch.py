@@ -33,8 +33,16 @@ def main(argv: list[str]) -> int:
     if not argv or wants_help(argv):
         print(USAGE)
         return 0 if argv else 2
-    run_dir = Path(argv[0]).expanduser()
+    from sheepop import storage
+    from sheepop.monitor.metrics_file import StorageFollower, local_run
+
     opts = parse_kv(argv[1:], OPTIONS, "watch")
+    remote = storage.is_uri(argv[0])
+    if remote and not storage.is_file(storage.join(argv[0], "config.yaml")):
+        raise UserError(f"RUN_DIR={argv[0]}: no config.yaml there; pass <cluster.storage_path>/<run.name> of a run")
+    run_dir = local_run(argv[0])
+    follower = StorageFollower(storage.normalize(argv[0]), run_dir, every=max(2.0, opts.get("poll", 0.5))) \
+        if remote else None
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR={argv[0]}: no such directory; pass the run.dir of a training run "
                         "(the folder holding metrics.jsonl)")
@@ -50,7 +58,11 @@ def main(argv: list[str]) -> int:
                     plain=opts.get("plain"), plain_every_s=opts.get("every", 10.0))
     if view.snap.total == 0:
         console.print(f"{run_dir}: no config.yaml yet; the step total will show once it appears")
-    snap = view.run_until_end(opts.get("timeout"))
+    try:
+        snap = view.run_until_end(opts.get("timeout"))
+    finally:
+        if follower is not None:
+            follower.stop()
     if not snap.ended:
         console.print(f"watch: stopped after {duration(opts.get('timeout'))} without an `end` event")
         return 1

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from sheepop import storage
 from sheepop.data import ingest, tokenizer as toklib
 from sheepop.data.pipeline import MANIFEST_VERSION, build
 from sheepop.errors import UserError
@@ -62,13 +63,22 @@ def _plain(cfg) -> dict:
     return to_dict(cfg)
 
 
+def local_dir(out_dir: str | Path) -> Path:
+    """Where prepared data is read on this machine: data.out_dir, or its local cache when it is a URI."""
+    return storage.cache_dir(out_dir) if storage.is_uri(out_dir) else Path(out_dir)
+
+
 def prepare(cfg, log=print, progress: bool | None = None) -> dict:
     """Prepare data.* with tokenizer.* of a Config into data.out_dir (or reuse it); returns the manifest.
 
-    Only the driver (and `sheepop prepare`) calls this; training workers verify what it made
+    data.out_dir may be an object-store URI: the data is prepared in the local cache and uploaded,
+    manifest.json last; a URI that already holds a matching manifest is used as it is. Only the
+    driver (and `sheepop prepare`) calls this; training workers verify what it made
     (verify_prepared) and never prepare. progress: rich bars per stage (None: when stderr is a terminal).
     """
     cfg = _plain(cfg)
+    if storage.is_uri(cfg["data"]["out_dir"]):
+        return _prepare_in_storage(cfg, log, progress)
     out = Path(cfg["data"]["out_dir"])
     out.parent.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
@@ -95,11 +105,35 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
     return manifest
 
 
-def verify_prepared(out_dir: str | Path, manifest: dict, where: str = "") -> None:
+def _prepare_in_storage(cfg: dict, log, progress) -> dict:
+    uri = storage.normalize(cfg["data"]["out_dir"])
+    fp = fingerprint(cfg)
+    try:
+        found = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
+        if found.get("fingerprint") == fp:
+            storage.download(uri, local_dir(uri), ["tokenizer.json"])  # the driver needs it, not the shards
+            return found
+        log(f"inputs changed since {uri} was prepared: preparing again")
+    except (OSError, ValueError):
+        pass
+    local = local_dir(uri)
+    manifest = prepare({**cfg, "data": {**cfg["data"], "out_dir": str(local)}}, log, progress)
+    files = ["tokenizer.json"] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
+    log(f"uploading {len(files)} files to {uri}")
+    storage.upload(local, uri, files)
+    storage.upload(local, uri, ["manifest.json"])  # last: what makes the upload count
+    return manifest
+
+
+def verify_prepared(out_dir: str | Path, manifest: dict, where: str = "") -> Path:
     """Check, on a training worker, that data.out_dir holds the data the driver prepared: the same
-    manifest fingerprint and every shard at its recorded size. One UserError line otherwise; a
-    worker never runs the curation pipeline itself (it could take hours, on every node)."""
-    out = Path(out_dir)
+    manifest fingerprint and every shard at its recorded size; returns the local folder to read.
+    One UserError line otherwise; a worker never runs the curation pipeline itself (it could take
+    hours, on every node). With data.out_dir in storage, this node's cache is filled first and
+    every file it downloads is checked against the manifest's sha256."""
+    if storage.is_uri(out_dir):
+        _fill_cache(storage.normalize(out_dir), manifest, where)
+    out = local_dir(out_dir)
     here = f" on {where}" if where else ""
     path = out / "manifest.json"
     try:
@@ -123,3 +157,28 @@ def verify_prepared(out_dir: str | Path, manifest: dict, where: str = "") -> Non
                 raise UserError(f"data.out_dir={out}{here}: shard {shard['file']} is "
                                 + ("missing" if size < 0 else f"{size} bytes, the manifest says {expected}")
                                 + "; prepare the data again (`sheepop prepare`)")
+    return out
+
+
+def _fill_cache(uri: str, manifest: dict, where: str) -> None:
+    """Download into this node's cache what it lacks of the data at `uri` (under a lock: several
+    workers of one node fill it once) and check each new file against the manifest."""
+    import numpy as np
+
+    local = local_dir(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    shards = [s for sp in manifest["splits"].values() for s in sp["shards"]]
+    with FileLock(str(local) + ".lock"):
+        if not storage.is_file(storage.join(uri, "manifest.json")):
+            raise UserError(f"data.out_dir={uri}: no manifest.json there (seen from {where or 'this node'}); "
+                            "prepare it first (`sheepop prepare`); training workers do not prepare data")
+        missing = [s for s in shards if not (local / s["file"]).is_file()
+                   or (local / s["file"]).stat().st_size != s["tokens"] * itemsize]
+        storage.download(uri, local, [s["file"] for s in missing] + ["tokenizer.json"])
+        for s in missing:
+            if "sha256" in s and storage.sha256_file(local / s["file"]) != s["sha256"]:
+                (local / s["file"]).unlink()
+                raise UserError(f"data.out_dir={uri}: {s['file']} does not match the manifest's sha256 after "
+                                "download; prepare the data again (`sheepop prepare`)")
+        (local / "manifest.json").write_text(json.dumps(manifest))

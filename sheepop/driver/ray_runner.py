@@ -70,15 +70,16 @@ def fit(plan: RunPlan, console: Console) -> dict:
         resources = {"CPU": cpus}
         if gpu:
             resources["GPU"] = c.gpus_per_worker
-        ckpt_root = checkpoint.root(cfg)
         trainer = TorchTrainer(
             _worker,
             train_loop_config={"plan": plan},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+            # Ray Train's run folder is <run storage>/checkpoints: each rank's upload lands in
+            # checkpoints/step_N. Old checkpoints are pruned by sheepop (only complete ones count).
             run_config=RunConfig(
-                name=ckpt_root.name, storage_path=str(ckpt_root.parent),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints or None),
+                name="checkpoints", storage_path=checkpoint.run_storage(cfg),
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=c.max_failures),
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu",
                                                  "OMP_NUM_THREADS": str(cpus)}},
@@ -107,17 +108,41 @@ def _worker(config: dict) -> None:
 
     from sheepop.train.loop import train
 
-    ckpt = ray.train.get_checkpoint()  # set after a restart: the latest reported checkpoint
+    from ray.train import CheckpointUploadMode
+
+    from sheepop import storage
+    from sheepop.train import checkpoint, checkpoint_files
+
     plan = config["plan"]
+    cfg = plan.cfg
+    context = ray.train.get_context()
+    rank, ray_storage = context.get_world_rank(), context.get_storage()
+    ckpt_root = checkpoint.root(cfg)
+    restored = ray.train.get_checkpoint()  # set after a restart: the latest reported checkpoint
+
+    def upload(local: "ray.train.Checkpoint", dir_name: str) -> "ray.train.Checkpoint":
+        """Runs in Ray Train's upload thread: this rank's files, then its manifest (what makes
+        them count); rank 0 then prunes old checkpoints."""
+        folder = Path(local.path)
+        checkpoint_files.write_marker(folder, rank)
+        checkpoint_files.upload(folder, storage.join(ckpt_root, dir_name))
+        if rank == 0:
+            checkpoint_files.prune(ckpt_root, cfg.trainer.keep_checkpoints)
+        return ray.train.Checkpoint(path=f"{ray_storage.experiment_fs_path}/{dir_name}",
+                                    filesystem=ray_storage.storage_filesystem)
+
+    # ASYNC (default): the step after a save does not wait for the upload; the local copy goes after it.
+    mode = CheckpointUploadMode.ASYNC if cfg.cluster.checkpoint_upload == "async" else CheckpointUploadMode.SYNC
 
     def report(directory: Path, name: str) -> None:
         ray.train.report({"step": int(name.split("_")[-1])},
                          checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                         checkpoint_dir_name=name)
+                         checkpoint_dir_name=name, checkpoint_upload_mode=mode,
+                         checkpoint_upload_fn=upload, delete_local_checkpoint_after_upload=True)
 
-    rank = ray.train.get_context().get_world_rank()
-    with output_to(logs_dir(plan.cfg.run.dir) / f"rank{rank}.log"):
-        train(plan, report=report, restored=Path(ckpt.path) if ckpt is not None else None)
+    with output_to(logs_dir(cfg.run.dir) / f"rank{rank}.log"):
+        train(plan, report=report,
+              restored=storage.join(ckpt_root, Path(restored.path).name) if restored is not None else None)
 
 
 def user_error_of(error: BaseException):

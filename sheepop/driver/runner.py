@@ -25,22 +25,29 @@ from sheepop.errors import UserError
 from sheepop.monitor.metrics_file import read_metrics
 from sheepop.net import require_listening
 
-console = Console()
+console = Console(soft_wrap=True)  # a message is one line, whatever the terminal width
 
 
-def preflight(cfg: Config) -> Path | None:
-    """Config-only checks; returns the checkpoint to resume from (None = fresh start)."""
+def preflight(cfg: Config) -> str | None:
+    """Checks of the config and the places it names; returns the checkpoint to resume from
+    (None = fresh start). Storage problems fail here in one line, before anything starts."""
+    from sheepop import storage
     from sheepop.train import checkpoint
 
     c = cfg.cluster
     batch_plan(cfg, c.num_workers)  # raises on a micro batch that does not divide the global batch
     if c.kind == "ray":
         check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
-    resume = checkpoint.resolve_resume(cfg)
-    existing = checkpoint.latest(checkpoint.root(cfg))
-    if cfg.trainer.resume == "never" and existing is not None:
-        raise UserError(f"run.dir={cfg.run.dir} already has checkpoints ({existing.name}); "
-                        "use trainer.resume=auto to continue it or a new run.dir")
+    storage.check_writable(cfg.run.dir, "run.dir")
+    if c.storage_path:
+        storage.check_writable(c.storage_path, "cluster.storage_path")
+    if storage.is_uri(cfg.data.out_dir):
+        storage.check_writable(storage.normalize(cfg.data.out_dir), "data.out_dir")
+    resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
+    existing = checkpoint.list_checkpoints(checkpoint.root(cfg))
+    if cfg.trainer.resume == "never" and existing:
+        raise UserError(f"{checkpoint.root(cfg)} already has checkpoints ({existing[-1].rsplit('/', 1)[-1]}); "
+                        "use trainer.resume=auto to continue it, or a new run.dir / run.name")
     if resume is not None:
         meta = checkpoint.read_meta(resume)
         if meta["step"] >= cfg.trainer.max_steps:
@@ -50,13 +57,15 @@ def preflight(cfg: Config) -> Path | None:
     return resume
 
 
-def check_same_model(cfg: Config, ckpt: Path) -> None:
+def check_same_model(cfg: Config, ckpt: str) -> None:
     """A checkpoint only loads into the model shape it was saved from: say which setting differs
     now, before DeepSpeed fails on every rank with a page of size mismatches."""
-    saved_cfg = ckpt / "config.yaml"
-    if not saved_cfg.is_file():
+    from sheepop import storage
+
+    saved_cfg = storage.join(ckpt, "config.yaml")
+    if not storage.is_file(saved_cfg):
         return
-    saved = yaml.safe_load(saved_cfg.read_text()).get("model", {})
+    saved = yaml.safe_load(storage.read_text(saved_cfg)).get("model", {})
     now = cfg.model
     diff = [k for k in now.WEIGHT_FIELDS if k in saved and saved[k] != getattr(now, k)]
     if diff:
@@ -76,36 +85,43 @@ def check_ray_address(address: str) -> None:
     require_listening(host, port, f"cluster.address={address}", "start a cluster with `ray start --head` or fix the address")
 
 
-def make_plan(cfg: Config, resume: Path | None, manifest: dict):
-    """The RunPlan every rank gets: decided here, once."""
+def make_plan(cfg: Config, resume: str | None, manifest: dict):
+    """The RunPlan every rank gets: decided here, once. A resume on another world size or ZeRO
+    stage is converted to the universal format here too, before any rank starts."""
     from sheepop.train import checkpoint
     from sheepop.train.run_plan import RunPlan
 
     workers = cfg.cluster.num_workers
-    universal = resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage)
-    return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=str(resume) if resume else None,
-                   universal=universal, manifest=manifest)
+    universal = None
+    if resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage):
+        universal = checkpoint.to_universal(resume)
+    return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest)
 
 
 def run(cfg: Config) -> dict:
     """The driver: validate, prepare data, decide the plan, write config.yaml, train, then plot and sample."""
     import dataclasses
 
-    from sheepop.data.shards import prepare
+    from sheepop import storage
+    from sheepop.data.shards import local_dir, prepare
     from sheepop.monitor.live import LiveView
     from sheepop.monitor.plot import plot_loss
 
     resume = preflight(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
-    # Workers may run in another cwd: every path they get is absolute.
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)),
-                              data=dataclasses.replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).expanduser().absolute())))
+    # Workers may run in another cwd: every path they get is absolute (URIs stay as they are).
+    cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)),
+        data=dataclasses.replace(cfg.data, out_dir=storage.normalize(cfg.data.out_dir)),
+        cluster=dataclasses.replace(cfg.cluster, storage_path=storage.normalize(cfg.cluster.storage_path)
+                                    if cfg.cluster.storage_path else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "STOP").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
     console.print(f"[bold]sheepop[/] run → {run_dir}" + (f"  (resuming {resume})" if resume else ""))
     manifest = prepare(cfg, log=console.print)
-    shutil.copy(Path(cfg.data.out_dir) / "tokenizer.json", run_dir / "tokenizer.json")
+    shutil.copy(local_dir(cfg.data.out_dir) / "tokenizer.json", run_dir / "tokenizer.json")
+    mirror_run_files(cfg, run_dir, ("config.yaml", "tokenizer.json"))
     plan = make_plan(cfg, resume, manifest)
     console.print(f"{manifest['splits']['train']['tokens']:,} training tokens; {plan.batch.describe()}, "
                   f"ZeRO stage {cfg.parallelism.zero_stage}" + (" (universal resume)" if plan.universal else ""))
@@ -127,13 +143,46 @@ def run(cfg: Config) -> dict:
         if view:
             view.__exit__(None, None, None)
     (run_dir / "STOP").unlink(missing_ok=True)
+    fetch_metrics(cfg, run_dir)
     ends = [r for r in read_metrics(run_dir) if r.get("event") == "end"]
     result = {**result, "stopped": bool(ends and ends[-1].get("stopped"))}
     plot_loss(run_dir)
     sample = write_sample(cfg, run_dir)
+    mirror_run_files(cfg, run_dir, ("loss.png", "sample.txt"))
     console.print(f"[bold]sample[/] ({cfg.trainer.sample_prompt!r} →):\n{sample}")
-    console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, checkpoints/, loss.png}}")
+    console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, loss.png, logs/}}; "
+                  f"checkpoints: {checkpoint_root(cfg)}")
     return result
+
+
+def checkpoint_root(cfg: Config) -> str:
+    from sheepop.train.checkpoint import root
+
+    return root(cfg)
+
+
+def fetch_metrics(cfg: Config, run_dir: Path) -> None:
+    """When rank 0 ran on another node, its metrics.jsonl reached this machine only through storage."""
+    from sheepop import storage
+    from sheepop.train.checkpoint import run_storage
+
+    if not cfg.cluster.storage_path:
+        return
+    remote = storage.join(run_storage(cfg), "metrics.jsonl")
+    local = run_dir / "metrics.jsonl"
+    sizes = storage.sizes(run_storage(cfg))
+    if "metrics.jsonl" in sizes and (not local.is_file() or local.stat().st_size < sizes["metrics.jsonl"]):
+        local.write_bytes(storage.read_bytes(remote))
+
+
+def mirror_run_files(cfg: Config, run_dir: Path, names: tuple[str, ...]) -> None:
+    """With cluster.storage_path set, the run's own files go beside its checkpoints
+    (<storage_path>/<run.name>/), where `sheepop watch|report|generate|eval|export` find them."""
+    from sheepop import storage
+    from sheepop.train.checkpoint import run_storage
+
+    if cfg.cluster.storage_path:
+        storage.upload(run_dir, run_storage(cfg), [n for n in names if (run_dir / n).is_file()])
 
 
 @contextlib.contextmanager

@@ -57,7 +57,9 @@ def heal_prompt(tok, ids: list[int]) -> tuple[list[int], list[int] | None, str]:
     if len(ids) < 2:
         return ids, None, ""
     tail = tok.decode([ids[-1]])
-    if not tail:
+    # Only where the prompt splits cleanly: a byte-level token holding part of a character decodes
+    # to U+FFFD alone, and backing up over it would change the prompt's text.
+    if not tail or "\ufffd" in tail or tok.decode(ids[:-1]) + tail != tok.decode(ids):
         return ids, None, ""
     allowed = [i for i in range(tok.get_vocab_size()) if tok.decode([i]).startswith(tail)]
     return ids[:-1], allowed or None, tail

@@ -63,3 +63,50 @@ def latest_per_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]
             by_step[r["step"]] = r[key]
     steps = sorted(by_step)
     return steps, [by_step[s] for s in steps]
+
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "loss.png", "sample.txt")
+
+
+def local_run(location: str | Path) -> Path:
+    """A run folder to read on this machine: the folder itself, or for a run in storage
+    (`s3://bucket/prefix/<run.name>`) a local copy of its own files (not its checkpoints)."""
+    from sheepop import storage
+
+    if not storage.is_uri(location):
+        return storage.local_path(location)
+    local = storage.cache_dir(location)
+    present = storage.sizes(location)
+    storage.download(location, local, [f for f in RUN_FILES if f in present])
+    return local
+
+
+class StorageFollower:
+    """Keeps the local copy of a run in storage fresh (metrics.jsonl, config.yaml) for `sheepop
+    watch s3://...`: a background thread copies them every `every` seconds."""
+
+    def __init__(self, location: str, local: Path, every: float = 5.0):
+        import threading
+
+        self.location, self.local, self.every = location, local, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="follow-storage", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from sheepop import storage
+
+        while not self._stop.wait(self.every):
+            for f in ("metrics.jsonl", "config.yaml"):
+                try:
+                    data = storage.read_bytes(storage.join(self.location, f))
+                except OSError:
+                    continue
+                target = self.local / f
+                if not target.is_file() or target.stat().st_size != len(data):
+                    tmp = target.with_name(f".{f}.part")
+                    tmp.write_bytes(data)
+                    tmp.replace(target)
+
+    def stop(self) -> None:
+        self._stop.set()

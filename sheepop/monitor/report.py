@@ -273,13 +273,18 @@ def curves_section(rep: Report, cfg: dict, rows: list[dict], log_x: bool) -> Non
     rep.add("Throughput and MFU", h, md)
 
 
-def checkpoint_root(cfg: dict) -> Path:
-    """Where the run of a saved config keeps its checkpoints (cluster.storage_path, else run.dir)."""
-    base = cfg["cluster"].get("storage_path") or cfg["run"]["dir"]
-    return Path(base).expanduser().absolute() / "checkpoints"
+def checkpoint_root(cfg: dict) -> str:
+    """Where the run of a saved config keeps its checkpoints: <storage_path>/<run.name>/checkpoints
+    (a folder or a URI), else run.dir/checkpoints."""
+    from sheepop import storage
+
+    sp = cfg["cluster"].get("storage_path")
+    base = storage.join(sp, cfg["run"]["name"]) if sp else cfg["run"]["dir"]
+    return storage.join(storage.normalize(base), "checkpoints")
 
 
 def events_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
+    from sheepop import storage
     from sheepop.train import checkpoint
 
     t0 = rows[0].get("time") if rows else None
@@ -305,13 +310,16 @@ def events_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
     kept = checkpoint.list_checkpoints(ckpt_root)
     ck_rows = []
     for p in kept:
-        meta = checkpoint.read_meta(p)
-        size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-        ck_rows.append([p.name, num(meta.get("step")), num(meta.get("tokens")), str(meta.get("world_size", "-")),
+        try:
+            meta = checkpoint.read_meta(p)
+        except (OSError, ValueError):  # a save that did not finish
+            continue
+        size = sum(storage.sizes(p).values())
+        ck_rows.append([storage.name(p), num(meta.get("step")), num(meta.get("tokens")), str(meta.get("world_size", "-")),
                         nbytes(size), "yes" if meta.get("final") else ""])
     ch, cmd = table(["checkpoint", "step", "tokens", "ranks", "size", "final"], ck_rows, {1, 2, 3, 4})
     resumes = sum(1 for r in rows if r.get("event") == "resume")
-    intro = f"{resumes} restart(s). Checkpoints kept on disk in {ckpt_root}:"
+    intro = f"{resumes} restart(s). Checkpoints kept in {ckpt_root}:"
     rep.add("Checkpoints and restarts", f"{h}<p>{esc(intro)}</p>{ch if ck_rows else '<p>none</p>'}",
             f"{md}\n\n{intro}\n\n{cmd if ck_rows else 'none'}")
 
@@ -397,8 +405,11 @@ def build(run_dir: Path, log_x: bool = False) -> Report:
 
 
 def write(run_dir: str | Path, out: str | Path | None = None, log_x: bool = False) -> tuple[Path, Path]:
-    """Write report.html and report.md (+ report_files/*.png); returns their paths."""
-    run_dir = Path(run_dir).expanduser()
+    """Write report.html and report.md (+ report_files/*.png); returns their paths. A run in
+    storage (s3://...) is read from a local copy, where the report goes unless out= says otherwise."""
+    from sheepop.monitor.metrics_file import local_run
+
+    run_dir = local_run(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"RUN_DIR={run_dir}: no such directory")
     out = Path(out).expanduser() if out else run_dir

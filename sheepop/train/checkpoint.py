@@ -1,157 +1,187 @@
-"""Checkpoints: one folder per save, holding everything a resume needs.
+"""Checkpoints: save and load an engine's state, the universal format, weights for generate/eval.
 
-  <root>/step_000100/
-      ds/                DeepSpeed engine state: weights, optimizer (one shard per rank), scheduler
-      meta.json          step, world size, ZeRO stage, W&B run id, tokens seen
-      config.yaml        the resolved config (secrets redacted)
-      tokenizer.json
-
-<root> is <cluster.storage_path or run.dir>/checkpoints. Without Ray the folder is written
-in place (as step_N.tmp, renamed when complete). With Ray each rank writes its own shard to a
-local temporary folder and reports it; Ray Train merges the ranks' folders into one.
+Where they live and when one counts is checkpoint_files.py. Saving: every rank writes its
+DeepSpeed shard to a local folder, rank 0 adds meta.json, config.yaml and tokenizer.json, and
+each rank's manifest (done/rank_R.json) goes up last. Without Ray a local checkpoint is written
+in place (step_N.tmp, renamed when complete) and a remote one is uploaded in the background;
+with Ray, each rank hands its folder to Ray Train, which uploads it asynchronously (the step
+after a save does not wait for the upload) through checkpoint_files.upload.
 """
 from __future__ import annotations
 
 import json
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
 import yaml
 
-from sheepop import compat
+from sheepop import compat, storage
 from sheepop.config import Config, redact
-from sheepop.model.config import ModelConfig
 from sheepop.errors import UserError
+from sheepop.model.config import ModelConfig
+from sheepop.train.checkpoint_files import (DS_TAG, latest, list_checkpoints, localize, name, prune, read_meta,
+                                            root, run_storage, upload, write_marker)
 
-DS_TAG = "ds"
-
-
-def root(cfg: Config) -> Path:
-    base = cfg.cluster.storage_path or cfg.run.dir
-    return Path(base).expanduser().absolute() / "checkpoints"
-
-
-def name(step: int) -> str:
-    return f"step_{step:06d}"
+__all__ = ["DS_TAG", "latest", "list_checkpoints", "name", "read_meta", "root", "run_storage", "resolve_resume",
+           "save", "load", "universal_location",
+           "needs_universal", "to_universal", "consolidated_state_dict", "find", "load_model", "Uploads"]
 
 
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints (meta.json present), oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.iterdir() if p.is_dir() and (p / "meta.json").is_file()]
-    return sorted(found, key=lambda p: read_meta(p)["step"])
+class Uploads:
+    """Background uploads of a rank's checkpoints when no Ray Train is there to do it (cluster=process
+    with an object store): one at a time, in order; wait() before the process ends."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, local: Path, ckpt: str, rank: int, after=None) -> None:
+        """Manifest (sha256 of each file), upload, manifest last, then after(); in a thread."""
+        self.wait()
+
+        def run() -> None:
+            try:
+                write_marker(local, rank)
+                upload(local, ckpt)
+                if after is not None:
+                    after()
+            except BaseException as e:  # re-raised on the training thread at the next wait()
+                self._error = e
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+
+        self._thread = threading.Thread(target=run, name=f"upload-{storage.name(ckpt)}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
 
-def latest(ckpt_root: Path) -> Path | None:
-    found = list_checkpoints(ckpt_root)
-    return found[-1] if found else None
-
-
-def read_meta(path: Path) -> dict:
-    return json.loads((Path(path) / "meta.json").read_text())
-
-
-def resolve_resume(cfg: Config) -> Path | None:
-    """The checkpoint trainer.resume asks for: auto → newest in this run, never → None, else a path.
-    Called by the driver only; ranks get its answer in the run plan."""
+def resolve_resume(cfg: Config, log=None) -> str | None:
+    """The checkpoint trainer.resume asks for: auto → newest complete one of this run, never → None,
+    else a step_N folder, a checkpoints/ folder or a run's storage (local or a URI). The driver
+    calls this; ranks get its answer in the run plan."""
     r = cfg.trainer.resume
     if r == "never":
         return None
     if r == "auto":
-        return latest(root(cfg))
-    p = Path(r).expanduser()
-    if p.is_dir() and (p / "meta.json").is_file():
-        return p
-    if p.is_dir() and latest(p):  # a checkpoints/ folder or a run dir
-        return latest(p)
-    if p.is_dir() and latest(p / "checkpoints"):
-        return latest(p / "checkpoints")
-    raise UserError(f"trainer.resume={r}: not a checkpoint (no meta.json); valid: auto, never, "
-                    "a step_N folder, a checkpoints/ folder or a run dir")
+        return latest(root(cfg), log)
+    loc = storage.normalize(r)
+    if storage.is_file(storage.join(loc, "meta.json")):
+        return loc
+    for folder in (loc, storage.join(loc, "checkpoints")):
+        found = latest(folder, log)
+        if found:
+            return found
+    raise UserError(f"trainer.resume={r}: not a checkpoint (no complete step_N/meta.json there); valid: auto, "
+                    "never, a step_N folder, a checkpoints/ folder or a run dir (local or a storage URI)")
 
 
-def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, report=None) -> Path | None:
-    """Save on every rank (each writes its shard). `report(dir, name)` hands the folder to Ray
-    Train; without it the checkpoint is written straight into root(cfg)."""
+def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, report=None,
+         uploads: Uploads | None = None) -> str:
+    """Save on every rank (each writes its shard); returns the checkpoint's location.
+
+    report(dir, name): Ray Train's hand-off (it uploads dir, manifest last, in the background).
+    Without Ray: a local checkpoint is written in place; a remote one goes up through `uploads`."""
     step_name = name(state["step"])
-    if report is None:
-        final = root(cfg) / step_name
-        target = final.with_name(step_name + ".tmp")
-        if rank == 0:
-            shutil.rmtree(target, ignore_errors=True)
-            target.mkdir(parents=True)
+    ckpt = storage.join(root(cfg), step_name)
+    in_place = report is None and not storage.is_uri(ckpt)
+    if in_place:
+        final = storage.local_path(ckpt)
+        local = final.with_name(step_name + ".tmp")
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
     else:
-        target = Path(tempfile.mkdtemp(prefix=f"sheepop-{step_name}-r{rank}-"))
-    engine.save_checkpoint(str(target), tag=DS_TAG, save_latest=False)
+        local = Path(tempfile.mkdtemp(prefix=f"sheepop-{step_name}-r{rank}-"))
+    engine.save_checkpoint(str(local), tag=DS_TAG, save_latest=False)
     if rank == 0:
-        (target / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
-        shutil.copy(tokenizer_path, target / "tokenizer.json")
-        (target / "meta.json").write_text(json.dumps(state, indent=2))  # last: marks it complete
-    if report is not None:
-        report(target, step_name)
-        shutil.rmtree(target, ignore_errors=True)
-        return None
-    torch.distributed.barrier()
-    if rank == 0:
+        (local / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
+        shutil.copy(tokenizer_path, local / "tokenizer.json")
+        (local / "meta.json").write_text(json.dumps(state, indent=2))
+    if report is not None:  # Ray Train uploads (checkpoint_files.upload: the manifest is made there)
+        report(local, step_name)
+        return ckpt
+    keep = cfg.trainer.keep_checkpoints
+    if in_place:
+        write_marker(local, rank)
         shutil.rmtree(final, ignore_errors=True)
-        target.rename(final)
-        prune(root(cfg), cfg.trainer.keep_checkpoints)
-    return final
+        local.rename(final)
+        prune(root(cfg), keep)
+        return ckpt
+    uploads = uploads or Uploads()
+    uploads.submit(local, ckpt, rank, after=lambda: prune(root(cfg), keep))
+    if cfg.cluster.checkpoint_upload == "sync":
+        uploads.wait()
+    return ckpt
 
 
-def prune(ckpt_root: Path, keep: int) -> None:
-    if keep > 0:
-        for old in list_checkpoints(ckpt_root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def needs_universal(path: Path, world_size: int, zero_stage: int) -> bool:
+def needs_universal(ckpt: str | Path, world_size: int, zero_stage: int) -> bool:
     """ZeRO shards are laid out for the world size that saved them; another world size (or
     stage) must go through DeepSpeed's universal format."""
-    meta = read_meta(path)
+    meta = read_meta(ckpt)
     saved_stage = meta.get("zero_stage", 0)
     if saved_stage == 0 and zero_stage == 0:
         return False  # stage 0 keeps full state in one file: any world size loads it
     return meta.get("world_size", 1) != world_size or saved_stage != zero_stage
 
 
-def to_universal(path: Path, *, rank: int) -> Path:
-    """Convert checkpoint `path` to DeepSpeed's universal format (once; rank 0 converts, all wait).
+def universal_location(ckpt: str) -> str:
+    """Beside the checkpoints, never inside the checkpoint: <run storage>/universal/step_N."""
+    ckpt = storage.normalize(ckpt)
+    checkpoints = ckpt.rsplit("/", 1)[0]
+    return storage.join(checkpoints.rsplit("/", 1)[0], "universal", storage.name(ckpt))
 
-    The result goes beside the checkpoints (<root>/universal/step_N/ds), never into the checkpoint
-    itself. Returns the folder to pass to engine.load_checkpoint(..., tag=DS_TAG)."""
-    out = Path(path).parent.parent / "universal" / Path(path).name
-    if rank == 0 and not (out / DS_TAG / "zero").is_dir():
-        import subprocess
-        import sys
 
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                            "--input_folder", str(Path(path) / DS_TAG), "--output_folder", str(tmp / DS_TAG),
-                            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
-                           capture_output=True, text=True)
-        if r.returncode != 0:
-            raise RuntimeError(f"converting {path} to a universal checkpoint failed:\n{r.stderr[-2000:]}")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    torch.distributed.barrier()
+def to_universal(ckpt: str) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format once (the driver does it, before any
+    rank starts); returns the location to load from (engine.load_checkpoint(..., tag=DS_TAG))."""
+    import subprocess
+    import sys
+
+    out = universal_location(ckpt)
+    if storage.is_file(storage.join(out, "done", "rank_0.json")):
+        return out
+    source = localize(ckpt)  # all files: the conversion reads every rank's shards
+    local_out = storage.cache_dir(out) if storage.is_uri(out) else storage.local_path(out)
+    tmp = local_out.with_name(local_out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                        "--input_folder", str(source / DS_TAG), "--output_folder", str(tmp / DS_TAG),
+                        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"converting {ckpt} to a universal checkpoint failed:\n{r.stderr[-2000:]}")
+    for f in ("meta.json", "config.yaml", "tokenizer.json"):
+        if (source / f).is_file():
+            shutil.copy(source / f, tmp / f)
+    write_marker(tmp, 0)
+    shutil.rmtree(local_out, ignore_errors=True)
+    tmp.rename(local_out)
+    if storage.is_uri(out):
+        upload(local_out, out)
     return out
 
 
-def load(engine, path: Path, universal: Path | None = None) -> dict:
-    """Restore engine state (weights, optimizer, scheduler) and return meta.json."""
+def load(engine, ckpt: str, rank: int, universal: str | None = None) -> dict:
+    """Restore engine state (weights, optimizer, scheduler) on this rank and return meta.json.
+    A remote checkpoint is downloaded first: only this rank's files (all of the universal form)."""
+    local = localize(universal) if universal else localize(ckpt, rank)
     decay = [g.get("weight_decay") for g in engine.optimizer.param_groups]  # see compat.fix_zero3_universal_load
-    load_path, _ = engine.load_checkpoint(str(universal or path), tag=DS_TAG, load_optimizer_states=True,
+    load_path, _ = engine.load_checkpoint(str(local), tag=DS_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint at {ckpt}")
     compat.fix_zero3_universal_load(engine, decay)
-    return read_meta(path)
+    return read_meta(ckpt)
 
 
 def consolidated_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -190,31 +220,42 @@ def _stage0_masters(path: Path, masters: list[list[torch.Tensor]]) -> dict[str, 
     return dict(zip(names, tensors))
 
 
+def find(run_or_ckpt: str | Path) -> str | None:
+    """The checkpoint a run dir, a checkpoints/ folder or a step_N folder names (local or URI)."""
+    loc = storage.normalize(run_or_ckpt)
+    if storage.is_file(storage.join(loc, "meta.json")):
+        return loc
+    return latest(storage.join(loc, "checkpoints")) or latest(loc)
+
+
 def load_model(run_or_ckpt: str | Path):
-    """(model, tokenizer, meta) from a run dir, a checkpoint folder, or the model.pt that
-    `sheepop export format=pt` wrote (plain torch weights: no DeepSpeed involved), for generate/eval/export."""
+    """(model, tokenizer, meta) from a run dir, a checkpoint folder (local or in storage), or the
+    model.pt that `sheepop export format=pt` wrote (plain torch weights: no DeepSpeed involved),
+    for generate/eval/export."""
     from sheepop.data.tokenizer import load as load_tokenizer
     from sheepop.model.transformer import Transformer
 
-    p = Path(run_or_ckpt).expanduser()
-    if p.is_file():
+    if not storage.is_uri(run_or_ckpt) and storage.local_path(run_or_ckpt).is_file():
+        p = storage.local_path(run_or_ckpt)
         saved = torch.load(p, map_location="cpu", weights_only=True)
         model = Transformer(ModelConfig.from_dict(saved["config"]["model"]))
         model.load_state_dict(saved["model"])
         model.eval()
         return model, load_tokenizer(p.with_name("tokenizer.json")), {
-            "step": saved["step"], "path": str(p), "config": saved["config"]}
-    ckpt = p if (p / "meta.json").is_file() else latest(p / "checkpoints") or latest(p)
-    if ckpt is None:
-        raise UserError(f"run.dir={p}: no checkpoint found (expected {p}/checkpoints/step_N/meta.json)")
+            "step": saved["step"], "path": str(p), "local": str(p.parent), "config": saved["config"]}
+    found = find(run_or_ckpt)
+    if found is None:
+        raise UserError(f"run.dir={run_or_ckpt}: no checkpoint found (none complete; expected "
+                        f"{run_or_ckpt}/checkpoints/step_N/meta.json)")
+    ckpt = localize(found)
     cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
     model = Transformer(ModelConfig.from_dict(cfg["model"]))
     sd = consolidated_state_dict(ckpt)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     # Tied weights appear under one name only; anything else missing is a real mismatch.
     if unexpected or [k for k in missing if k != "head.weight"]:
-        raise UserError(f"checkpoint {ckpt} does not match model {cfg['model']['name']}: "
+        raise UserError(f"checkpoint {found} does not match model {cfg['model']['name']}: "
                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.eval()
-    return model, load_tokenizer(ckpt / "tokenizer.json"), {**read_meta(ckpt), "path": str(ckpt), "config": cfg}
-
+    return model, load_tokenizer(ckpt / "tokenizer.json"), {**read_meta(ckpt), "path": str(found), "local": str(ckpt),
+                                                            "config": cfg}

@@ -54,7 +54,7 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._old)
 
 
-def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
+def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
 
     report(dir, name): Ray Train's checkpoint hand-off (None without Ray).
@@ -66,8 +66,8 @@ def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
     t_cfg = cfg.trainer
     run_dir = Path(cfg.run.dir)
     seed = cfg.run.seed
-    data_dir = Path(cfg.data.out_dir)
-    verify_prepared(data_dir, plan.manifest, where=socket.gethostname())
+    # The prepared data on this node (a verified local copy when data.out_dir is in storage).
+    data_dir = verify_prepared(cfg.data.out_dir, plan.manifest, where=socket.gethostname())
     manifest = plan.manifest
     micro, accum, seq = batch.micro_batch_size, batch.grad_accum_steps, batch.seq_len
     amp = eng.autocast_dtype(t_cfg.precision)  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
@@ -77,16 +77,14 @@ def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
     torch.manual_seed(seed)  # same init on every rank
     args = cfg.model
     model = Transformer(args)
-    resume_dir = restored or (Path(plan.resume) if plan.resume else None)
-    # The driver decided for its checkpoint; one that Ray hands a restarted group, it never saw.
-    use_universal = plan.universal if restored is None else checkpoint.needs_universal(
-        restored, world, cfg.parallelism.zero_stage)
-    universal = checkpoint.to_universal(resume_dir, rank=rank) if use_universal else None
+    resume_dir = restored or plan.resume
+    universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
     engine = eng.build(model, cfg, batch, load_universal=universal is not None)
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0}
     if resume_dir is not None:
-        state.update(checkpoint.load(engine, resume_dir, universal))
+        state.update(checkpoint.load(engine, resume_dir, rank, universal))
         state["attempt"] = state.get("attempt", 0) + 1
+    uploads = checkpoint.Uploads() if report is None else None  # Ray Train uploads when it is there
 
     train_data = TokenWindows(data_dir, manifest, "train", seq)
     val_data = TokenWindows(data_dir, manifest, "val", seq)
@@ -112,7 +110,7 @@ def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
     def save(final: bool = False) -> None:
         checkpoint.save(engine, cfg, {**state, "world_size": world, "zero_stage": cfg.parallelism.zero_stage,
                                       "final": final},
-                        data_dir / "tokenizer.json", rank=rank, report=report)
+                        data_dir / "tokenizer.json", rank=rank, report=report, uploads=uploads)
         sink.event("checkpoint", step=state["step"])
 
     start_step = state["step"]
@@ -157,7 +155,7 @@ def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
             last["val_loss"] = evaluate()
             last["val_ppl"] = math.exp(min(last["val_loss"], 50))
-            eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink)
+            eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
         if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
             sink.log(last)
         stopped = buf[1].item() > 0
@@ -170,11 +168,25 @@ def train(plan: RunPlan, report=None, restored: Path | None = None) -> dict:
     probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=state["step"], world_size=world,
                  attempt=state["attempt"], probe_loss=probe)
+    if uploads is not None:
+        uploads.wait()  # the last checkpoint is in storage before the run says it ended
     sink.event("end", step=state["step"], stopped=stopped)
     sink.close()
     stop.restore()
     eng.shutdown()
     return {**last, "stopped": stopped, "probe_loss": probe}
+
+
+def _restored_universal(ckpt: str, rank: int, world: int, cfg) -> str | None:
+    """A checkpoint Ray Train hands a restarted group was saved by the group before the failure:
+    the same world and stage, unless the group came back smaller. Then rank 0 converts it (the
+    driver never saw this checkpoint) and everyone waits."""
+    if not checkpoint.needs_universal(ckpt, world, cfg.parallelism.zero_stage):
+        return None
+    if rank == 0:
+        checkpoint.to_universal(ckpt)
+    dist.barrier()
+    return checkpoint.universal_location(ckpt)
 
 
 def _rank_status(run_dir: Path, rank: int, **fields) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sheepop import perf
+from sheepop import perf, storage
 from sheepop.config import Config, redact
 
 # metrics.jsonl key → W&B key
@@ -50,6 +51,49 @@ def wandb_mode(mode: str) -> str:
 WANDB_ID_FILE = "wandb_id"  # in run.dir: the W&B run this run dir logs to
 
 
+class _Mirror:
+    """Copies metrics.jsonl to the run's storage (cluster.storage_path/<run.name>/) as the run goes,
+    so `sheepop watch|report` can follow a run from any machine: at most every MIRROR_EVERY_S
+    (at once for events), in a background thread, and a last time at close."""
+
+    MIRROR_EVERY_S = 15.0
+
+    def __init__(self, path: Path, cfg: Config):
+        from sheepop.train.checkpoint_files import run_storage
+
+        self.path = path
+        self.target = storage.join(run_storage(cfg), path.name) if cfg.cluster.storage_path else None
+        self._last = 0.0
+        self._thread: threading.Thread | None = None
+        # A resume on a machine that has not seen this run (another node, a deleted run.dir) continues
+        # the file in storage rather than replacing it with only the new lines.
+        if self.target is not None and not path.exists() and storage.is_file(self.target):
+            path.write_bytes(storage.read_bytes(self.target))
+
+    def maybe(self, force: bool = False) -> None:
+        now = time.time()
+        if self.target is None or (not force and now - self._last < self.MIRROR_EVERY_S):
+            return
+        if self._thread is not None and self._thread.is_alive():
+            return  # the previous copy is still going: the next call sends a newer file
+        self._last = now
+        self._thread = threading.Thread(target=self._copy, name="mirror-metrics", daemon=True)
+        self._thread.start()
+
+    def _copy(self) -> None:
+        try:
+            storage.write_bytes(self.target, self.path.read_bytes())
+        except OSError:
+            pass  # storage hiccup: the next copy (or the last one at close) carries it
+
+    def close(self) -> None:
+        if self.target is None:
+            return
+        if self._thread is not None:
+            self._thread.join()
+        self._copy()
+
+
 class MetricsSink:
     """Rank 0 writes; other ranks get a sink that drops everything."""
 
@@ -63,6 +107,7 @@ class MetricsSink:
         if not self.active:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._mirror = _Mirror(self.path, cfg)  # first: it brings back the lines a resumed run logged elsewhere
         self._file = open(self.path, "a", buffering=1)  # line-buffered: watchers see each line
         lg = cfg.logger
         if lg.kind == "wandb" and wandb_mode(lg.mode) != "disabled":
@@ -98,6 +143,7 @@ class MetricsSink:
             return
         row = {"time": round(time.time(), 3), **row}
         self._file.write(json.dumps(row) + "\n")
+        self._mirror.maybe(force="event" in row)
         step = row.get("step")
         if self.wandb is not None and step is not None and "event" not in row:
             data = {WANDB_KEYS[k]: v for k, v in row.items() if k in WANDB_KEYS and v is not None}
@@ -144,6 +190,7 @@ class MetricsSink:
         if not self.active:
             return
         self._file.close()
+        self._mirror.close()
         if self.wandb is not None:
             self._flush_pending()
             self.wandb.finish()
@@ -177,13 +224,13 @@ SAMPLE_TOKENS = 32  # per prompt and eval: enough to read, cheap next to an eval
 _tokenizers: dict = {}
 
 
-def eval_extras(*, engine, cfg: Config, step: int, rank: int, sink: "MetricsSink") -> None:
+def eval_extras(*, engine, cfg: Config, step: int, rank: int, sink: "MetricsSink", tokenizer: Path) -> None:
     """Generated samples after each evaluation. Every rank generates (under ZeRO-3 each forward
     gathers parameters from all ranks, so all must run the same forwards: no early stop at
     <|endoftext|>, a fixed number of tokens); rank 0 logs them."""
     from sheepop.model.generate import generate
 
-    tok_path = Path(cfg.data.out_dir) / "tokenizer.json"
+    tok_path = Path(tokenizer)
     if tok_path not in _tokenizers:
         from tokenizers import Tokenizer
 

@@ -19,8 +19,8 @@ from sheepop.errors import UserError
 class RunPlan:
     cfg: Config  # the resolved, validated config (secrets included: never written as is)
     batch: BatchPlan  # micro batch, accumulation, global batch for batch.world_size ranks
-    resume: str | None  # checkpoint folder to start from; None = a fresh start at step 0
-    universal: bool  # resume from another world size or ZeRO stage: through the universal format
+    resume: str | None  # checkpoint to start from (a local folder or a storage URI); None = step 0
+    universal: str | None  # its universal-format copy, when the world size or ZeRO stage changed
     manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
 
     def verify_world(self, world_size: int) -> None:

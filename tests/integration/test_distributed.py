@@ -90,7 +90,7 @@ def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stag
     assert start["world_size"] == 1 and start["grad_accum"] == 2 and start["universal"] is True
     two, one = losses(stage_runs[stage]), losses(run)
     assert sorted(one) == list(range(7, STEPS + 1))
-    # Both stages continue exactly. (Without checkpoint._unshare_steps, DeepSpeed 0.19's ZeRO-3 universal
+    # Both stages continue exactly. (Without compat.fix_zero3_universal_load, DeepSpeed 0.19's ZeRO-3 universal
     # load shares one Adam step counter between the param groups and stage 3 drifted by ~5e-3 in 6 steps.)
     assert max(abs(two[s] - one[s]) for s in one) < 1e-4
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before  # the source checkpoint is untouched

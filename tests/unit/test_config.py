@@ -34,7 +34,9 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("model.d_model=97", "divisible"),
     ("cluster.num_workers=0", "cluster.num_workers=0"),
     ("trainer.precision=fp8", "valid: auto, bf16, bf16-autocast, fp32"),
-    ("cluster.storage_path=s3://bucket/runs", "valid: a directory every node mounts"),
+    ("cluster.storage_path=nosuchscheme://bucket/runs", "unknown storage scheme 'nosuchscheme://'; valid: a folder, or s3://"),
+    ("run.dir=s3://bucket/run", "run.dir=s3://bucket/run: a run writes its live files to a local folder"),
+    ("cluster.checkpoint_upload=later", "valid: async, sync"),
     ("trainer.warmup_steps=-5", "trainer.warmup_steps=-5 must be >= 0"),
     ("trainer.eval_batches=0", "trainer.eval_batches=0 must be >= 1"),
     ("trainer.beta2=1.5", "trainer.beta2=1.5, trainer.eps="),
@@ -111,3 +113,8 @@ def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
                       ("zero_optimization.stage=3", "parallelism.zero_stage")):
         with pytest.raises(UserError, match=f"set {ours} instead"):
             compose([*base, f"parallelism.deepspeed.{raw}"])
+
+
+def test_storage_uris_are_accepted():
+    cfg = compose(["cluster.storage_path=s3://bucket/runs", "data.out_dir=gs://bucket/data/x"])
+    assert cfg.cluster.storage_path == "s3://bucket/runs" and cfg.data.out_dir == "gs://bucket/data/x"

@@ -31,6 +31,14 @@ def test_sweeps_expand_with_hydra_one_job_per_combination():
     planned = plan_jobs(["model=tiny", "trainer.lr=3e-4,1e-3", "run.dir=/r/lr${trainer.lr}"], multirun=True)
     assert [p["run_dir"] for p in planned] == ["/r/lr0.0003", "/r/lr0.001"]
     assert all(p["overrides"][0] == "cluster=ray" and p["overrides"][-1] == f"run.dir={p['run_dir']}" for p in planned)
+    # With object storage, jobs that would share <storage_path>/<run.name> get a run.name each.
+    planned = plan_jobs(["model=tiny", "trainer.lr=3e-4,1e-3", "run.dir=/r/x", "cluster.storage_path=s3://b/runs",
+                         "run.name=lr"], multirun=True)
+    assert [[o for o in p["overrides"] if o.startswith("run.name=")] for p in planned] == [["run.name=lr-0"],
+                                                                                         ["run.name=lr-1"]]
+    planned = plan_jobs(["model=tiny", "trainer.lr=3e-4,1e-3", "run.dir=/r/x", "cluster.storage_path=s3://b/runs",
+                         "run.name=lr${trainer.lr}"], multirun=True)
+    assert all(not any(o.startswith("run.name=lr-") for o in p["overrides"]) for p in planned)
 
 
 def test_entrypoint_quotes_overrides_and_composes_back_to_the_same_config(tmp_path):

@@ -24,6 +24,6 @@ def test_plan_is_decided_by_the_driver(tiny_cfg, tmp_path):
     plan, _ = _plan_without_data(tiny_cfg, tmp_path)
     assert plan.batch.world_size == tiny_cfg.cluster.num_workers
     assert plan.batch.global_batch_size == plan.batch.micro_batch_size * plan.batch.grad_accum_steps
-    assert plan.resume is None and plan.universal is False
+    assert plan.resume is None and plan.universal is None
     with pytest.raises(UserError, match="world of 2, the run plan was made for 1"):
         plan.verify_world(2)

@@ -39,3 +39,14 @@ def test_first_new_token_obeys_the_restriction():
     assert free[0] not in allowed or free == forced  # a random model rarely picks a space token unforced
     text = complete(model, tok, ids, 3, temperature=0.0)[0]
     assert text.startswith("def ") and not text.startswith("def  ")
+
+
+def test_no_healing_where_the_last_token_holds_part_of_a_character():
+    tok = _tok()
+    ids = tok.encode("def fé").ids
+    healed, allowed, _ = heal_prompt(tok, ids)
+    if tok.decode(ids[-1:]) == "\ufffd" or tok.decode(ids[:-1]) + tok.decode(ids[-1:]) != "def fé":
+        assert healed == ids and allowed is None
+    text = complete(Transformer(ModelConfig(vocab_size=300, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                                            d_ff=64, max_seq_len=32)), tok, ids, 2, temperature=0.0)[0]
+    assert text.startswith("def fé")

@@ -1,0 +1,121 @@
+"""Step time around a checkpoint with asynchronous vs synchronous upload to slow object storage.
+
+Starts a real S3 server (moto) on 127.0.0.1 behind a bandwidth-limited TCP proxy (also on
+127.0.0.1), then trains the same run twice with `cluster.storage_path=s3://...` through Ray Train
+(`cluster=local`, 1 worker): once with `cluster.checkpoint_upload=async` (the default) and once with
+`sync`. For each it prints the median wall time between consecutive steps (from metrics.jsonl),
+and that of the steps right after a save, as a ratio: with async the step after a save should be
+within ~1.1× of a normal step; with sync it waits for the upload.
+
+    python bench/checkpoint_upload.py [model=tiny] [steps=40] [save_every=10] [kbps=2000]
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sheepop.cli.args import parse_kv  # noqa: E402
+from sheepop.net import free_port  # noqa: E402
+
+
+def throttling_proxy(listen: int, target: int, bytes_per_s: float) -> None:
+    """Forward 127.0.0.1:listen → 127.0.0.1:target, each direction limited to bytes_per_s."""
+
+    async def pipe(reader, writer):
+        try:
+            while data := await reader.read(16384):
+                writer.write(data)
+                await writer.drain()
+                await asyncio.sleep(len(data) / bytes_per_s)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+    async def handle(client_r, client_w):
+        try:
+            server_r, server_w = await asyncio.open_connection("127.0.0.1", target)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(pipe(client_r, server_w), pipe(server_r, client_w))
+
+    async def main():
+        server = await asyncio.start_server(handle, "127.0.0.1", listen)
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
+def step_gaps(run: Path, save_every: int) -> tuple[float, float]:
+    """(median gap between consecutive step lines, median gap of the steps right after a save)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    t = {r["step"]: r["time"] for r in rows if "loss" in r and "event" not in r}
+    steps = sorted(t)
+    gaps = {s: t[s] - t[p] for p, s in zip(steps, steps[1:])}
+    after = [g for s, g in gaps.items() if (s - 1) % save_every == 0 and s - 1 > 0]
+    normal = [g for s, g in gaps.items() if (s - 1) % save_every != 0 and s % save_every != 0]
+    return statistics.median(normal), statistics.median(after)
+
+
+def main() -> int:
+    o = parse_kv(sys.argv[1:], {"model": str, "steps": int, "save_every": int, "kbps": float}, "checkpoint_upload")
+    model, steps, save_every = o.get("model", "tiny"), o.get("steps", 40), o.get("save_every", 10)
+    bytes_per_s = o.get("kbps", 2000.0) * 1000
+    work = Path(tempfile.mkdtemp(prefix="sheepop-bench-upload-"))
+    moto_port, proxy_port = free_port(), free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
+                             str(moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    threading.Thread(target=throttling_proxy, args=(proxy_port, moto_port, bytes_per_s), daemon=True).start()
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy_port}", "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "SHEEPOP_CACHE_DIR": str(work / "cache"), "WANDB_MODE": "disabled"}
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{moto_port}/moto-api/", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{moto_port}/bench", method="PUT")
+        urllib.request.urlopen(req, timeout=10)  # create the bucket (fast path, not throttled)
+        results = {}
+        for mode in ("async", "sync"):
+            run = work / mode
+            cmd = [sys.executable, "-m", "sheepop.cli", "train", f"model={model}", "trainer=quick", "logger=none",
+                   "cluster=local", f"run.dir={run}", f"run.name={mode}", "cluster.storage_path=s3://bench/runs",
+                   f"cluster.checkpoint_upload={mode}", f"trainer.max_steps={steps}",
+                   f"trainer.save_every={save_every}", "trainer.eval_every=0", "trainer.progress=false",
+                   "trainer.keep_checkpoints=0", "data.max_bytes=3000000", f"data.out_dir={work / 'data'}"]
+            t0 = time.time()
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if r.returncode != 0:
+                print(r.stdout[-2000:], r.stderr[-3000:])
+                return 1
+            results[mode] = (*step_gaps(run, save_every), time.time() - t0)
+        print(f"model={model}, {steps} steps, a checkpoint every {save_every}, storage at {bytes_per_s / 1e3:,.0f} kB/s")
+        print(f"{'upload':<8}{'normal step':>14}{'step after save':>18}{'ratio':>8}{'run wall':>10}")
+        for mode, (normal, after, wall) in results.items():
+            print(f"{mode:<8}{normal * 1e3:>11.0f} ms{after * 1e3:>15.0f} ms{after / normal:>8.2f}{wall:>9.0f}s")
+        return 0
+    finally:
+        moto.terminate()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
