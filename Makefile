@@ -24,6 +24,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) --upgrade pip setuptools wheel
 	$(PIP) -e ".[dev]"
 	$(BIN)/python -c "import sheepop.cli, torch, deepspeed, ray, hydra, wandb, tokenizers" 2>/dev/null
+# DeepSpeed's CPU communication op, compiled once into this environment's own folder
+# (.venv/var/sheepop/torch_extensions), so no run builds it: ~130 CPU-seconds, minutes on 2 cores
+	$(BIN)/python -m sheepop.extensions
 	touch $@
 
 demo: install

@@ -141,6 +141,7 @@ class ClusterConfig:
     storage_path: str = ""  # where checkpoints and the run's files go: <storage_path>/<run.name>/ (a folder or s3://, gs://, ...); empty = run.dir
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     checkpoint_upload: str = "async"  # async: training goes on while a checkpoint uploads | sync: it waits
+    wait_for_resources: bool = False  # kind=ray on an autoscaling cluster: wait for missing CPUs/GPUs (else fail at once)
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
     gpu: str = "h100-80gb"  # GPU type, for `sheepop plan` (sheepop.perf.GPUS)
     mfu: float = 0.4  # model FLOPs utilisation `sheepop plan` assumes for its time estimate
@@ -265,6 +266,10 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(msg)
 
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        need(m[key] >= 1, f"model.{key}={m[key]} must be >= 1")
+    need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
+         f"model.rope_theta={m.rope_theta}, model.norm_eps={m.norm_eps}, model.init_std={m.init_std}: each must be > 0")
     need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     need(m.n_heads % m.n_kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     need((m.d_model // m.n_heads) % 2 == 0, f"head dim {m.d_model // m.n_heads} must be even for RoPE")

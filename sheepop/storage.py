@@ -253,8 +253,9 @@ def check_writable(location: str, setting: str) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
+            also = "" if setting == "run.dir" else " or an object-store URI (s3://bucket/prefix)"
             raise UserError(f"{setting}={location}: cannot write there ({e.strerror or e}); "
-                            "valid: a writable folder or an object-store URI (s3://bucket/prefix)") from None
+                            f"valid: a writable folder{also}") from None
         return
     u = urlparse(location)
     if u.scheme == "s3":

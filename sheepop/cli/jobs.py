@@ -1,11 +1,13 @@
 """Ray Jobs: `sheepop submit | jobs | status | logs | stop` against a running Ray cluster.
 
 `submit` composes and validates the config here first (a bad override never reaches the
-cluster), checks what would be uploaded, then hands Ray's Job Submission SDK the entrypoint
-`python -m sheepop.cli train cluster=ray <the same overrides>` with the project folder as
-runtime_env working_dir. Ray unpacks that folder on the head node, runs the entrypoint there
-(cwd = the folder, which Ray also puts first on PYTHONPATH, so the uploaded code is what runs)
-and the driver connects to the cluster through the RAY_ADDRESS that Ray sets for it.
+cluster), checks what would be uploaded (its size, and credentials: files named like one are left
+out, EXCLUDES; a file holding one refuses the submission, find_secrets), then hands Ray's Job
+Submission SDK the entrypoint `python -m sheepop.cli train cluster=ray <the same overrides>`
+with the project folder as runtime_env working_dir. Ray unpacks that folder on the head node,
+runs the entrypoint there (cwd = the folder, which Ray also puts first on PYTHONPATH, so the
+uploaded code is what runs) and the driver connects to the cluster through the RAY_ADDRESS that
+Ray sets for it.
 
 Secrets travel as environment variables named on the command line (`--env WANDB_API_KEY`):
 the value is read from the submitter's environment into runtime_env env_vars, never into a
@@ -18,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import shlex
 import sys
 import time
@@ -271,8 +274,9 @@ def upload_limit() -> int:
     return ray_upload_limit()
 
 
-def check_upload(working_dir: Path, excludes: list[str]) -> tuple[int, int]:
-    """(files, bytes) to upload; UserError when the sum could exceed Ray's package limit.
+def check_upload(working_dir: Path, excludes: list[str]) -> list[tuple[Path, int]]:
+    """The files to upload, (path, size) each; UserError when the sum could exceed Ray's package
+    limit or a file holds what looks like a credential (find_secrets).
 
     Ray zips the folder and refuses packages over its gRPC limit (512 MiB) only after zipping
     and starting the upload; summing file sizes here fails in a second instead, before anything
@@ -285,7 +289,88 @@ def check_upload(working_dir: Path, excludes: list[str]) -> tuple[int, int]:
         raise UserError(f"working dir {working_dir} has {_mib(total)} to upload, over Ray's {_mib(limit)} limit "
                         f"(largest: {biggest}); move data to shared storage, list it in .rayignore, "
                         "or pass --exclude PATTERN")
-    return len(files), total
+    hits = find_secrets(files)
+    if hits:
+        rels = [p.relative_to(working_dir).as_posix() for p, _, _ in hits]
+        shown = list(zip(rels, hits))[:5]
+        named = ", ".join(f"{rel} (line {line}) looks like it holds {what}" for rel, (_, line, what) in shown)
+        more = f", and {len(hits) - len(shown)} more file(s)" if len(hits) > len(shown) else ""
+        raise UserError(f"not uploading {working_dir}: {named}{more}; remove the credential, or leave the file out "
+                        f"with --exclude PATTERN ({' '.join('--exclude ' + shlex.quote(rel) for rel, _ in shown)})")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials in the files to upload, found by what they hold (EXCLUDES only goes by name)
+
+SCAN_MAX_BYTES = 5 * 2**20  # larger files are data or models, not credential files: not read
+
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_AWS_SECRET = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
+# a literal value: not empty, not $VAR, <placeholder> or {{ template }}
+_AWS_SECRET_SET = re.compile(r"aws_secret_access_key[\"']?\s*[:=]\s*[\"']?[^\s\"'$<{]", re.I)
+_PEM_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]{0,400}?[A-Za-z0-9+/]{40}")
+_WANDB_KEY = re.compile(r"(?:wandb[\w.-]*[\"']?\s*[:=]|\bwandb\s+login(?:\s+--?[\w-]+)*)\s*[\"']?[0-9a-f]{40}\b", re.I)
+_NETRC_WANDB = re.compile(r"\bmachine\s+api\.wandb\.ai\b(?:(?!\bmachine\b)[\s\S]){0,500}?\bpassword\s+[0-9a-f]{40}\b",
+                          re.I)
+_GCP_TYPE = re.compile(r"\"type\"\s*:\s*\"service_account\"")
+_GCP_KEY = re.compile(r"\"private_key\"\s*:\s*\"-----BEGIN")
+_GITHUB_TOKEN = re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59})\b")
+_SLACK_TOKEN = re.compile(r"\bxox[bap]-[0-9]+-[0-9A-Za-z-]{10,}")
+
+
+def _aws_key(text: str) -> re.Match | None:
+    """An access key id with its secret beside it (an id alone cannot sign anything). AWS's
+    documentation examples (AKIA...EXAMPLE, as test fixtures use them) are not keys."""
+    key_id = next((m for m in _AWS_KEY_ID.finditer(text) if not m.group().endswith("EXAMPLE")), None)
+    if key_id is None:
+        return None
+    secret = _AWS_SECRET_SET.search(text) or any(
+        re.search("[a-z]", v) and re.search("[A-Z]", v) for v in _AWS_SECRET.findall(text))
+    return key_id if secret else None
+
+
+def _gcp_key(text: str) -> re.Match | None:
+    kind = _GCP_TYPE.search(text)
+    return _GCP_KEY.search(text) if kind else None
+
+
+# What the error calls a credential (never its value), words one of its kind always holds (in
+# lower case: a quick test that spares the regex most files), and how to find it.
+SECRET_FORMATS = [
+    ("a GCP service-account key", ("service_account",), _gcp_key),  # before PEM: such a file holds one too
+    ("an AWS access key id and secret key", ("akia", "asia"), _aws_key),
+    ("a PEM private key", ("private key",), _PEM_KEY.search),
+    ("a W&B API key", ("wandb",), _WANDB_KEY.search),
+    ("a W&B API key (netrc login for api.wandb.ai)", ("api.wandb.ai",), _NETRC_WANDB.search),
+    ("a GitHub token", ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"), _GITHUB_TOKEN.search),
+    ("a Slack token", ("xoxb-", "xoxa-", "xoxp-"), _SLACK_TOKEN.search),
+]
+
+
+def find_secrets(files: list[tuple[Path, int]]) -> list[tuple[Path, int, str]]:
+    """(path, line, what) for each file that holds something shaped like a credential (the first
+    found); files over SCAN_MAX_BYTES and binary files (a NUL byte in the first 8 KiB) are skipped."""
+    hits = []
+    for path, size in files:
+        if size > SCAN_MAX_BYTES:
+            continue
+        try:
+            with open(path, "rb") as f:
+                data = f.read(8192)
+                if b"\0" in data:
+                    continue
+                data += f.read()
+        except OSError:
+            continue
+        text = data.decode("utf-8", "replace")
+        lower = text.lower()
+        for what, words, find in SECRET_FORMATS:
+            found = find(text) if any(w in lower for w in words) else None
+            if found is not None:
+                hits.append((path, text.count("\n", 0, found.start()) + 1, what))
+                break
+    return hits
 
 
 def _mib(n: int) -> str:
@@ -348,10 +433,16 @@ def submit_main(argv: list[str]) -> int:
     if not wd.is_dir():
         raise UserError(f"--working-dir={wd}: no such directory")
     excludes = EXCLUDES + list(args.exclude)
-    n_files, n_bytes = check_upload(wd, excludes)
+    files = check_upload(wd, excludes)  # too large, or a credential in a file: fails here
     env = forwarded_env([n for arg in args.env for n in arg.split(",") if n])
     renv = runtime_env(wd, excludes, env)
-    print(f"working dir {wd}: {n_files} files, {_mib(n_bytes)}; forwarding env: {', '.join(sorted(env)) or 'none'}")
+    print(f"working dir {wd}: {len(files)} files, {_mib(sum(s for _, s in files))}; "
+          f"forwarding env: {', '.join(sorted(env)) or 'none'}")
+    if args.dry_run:  # every file, however many: what would leave this machine
+        from sheepop.monitor.report import nbytes
+
+        for rel, size in sorted((p.relative_to(wd).as_posix(), s) for p, s in files):
+            print(f"  {nbytes(size):>10}  {rel}")
     for j in jobs:
         if not Path(j["run_dir"]).is_absolute():
             print(f"note: run.dir={j['run_dir']} is relative to the job's temporary working dir on the head node; "

@@ -1,7 +1,8 @@
 """`sheepop watch RUN_DIR`: follow a run's metrics.jsonl with the live view and a loss sparkline.
 
 It needs nothing but read access to the run directory (no W&B, no Ray), and exits when the
-run's latest attempt logs its `end` event.
+run's latest attempt logs its `end` event. Steps re-run after a restart show once, with their
+latest values (sheepop.monitor.live.Progress).
 """
 from __future__ import annotations
 
@@ -67,5 +68,6 @@ def main(argv: list[str]) -> int:
         console.print(f"watch: stopped after {duration(opts.get('timeout'))} without an `end` event")
         return 1
     console.print(f"run ended at step {snap.step}/{snap.total}"
-                  + (f", final val loss {snap.val_loss:.4f}" if snap.val_loss is not None else ""))
+                  + (f", final val loss {snap.val_loss:.4f}" if snap.val_loss is not None else "")
+                  + (f" (attempt {snap.attempt})" if snap.attempt else ""))
     return 0

@@ -40,6 +40,7 @@ def fingerprint(cfg) -> str:
     if tok.get("path"):
         if not Path(tok["path"]).is_file():
             raise UserError(f"tokenizer.path={tok['path']}: no such file; give a tokenizer.json or leave it empty")
+        toklib.check_file(tok["path"], "tokenizer.path")
         h.update(toklib.file_hash(tok["path"]).encode())
     for p in ingest.list_files(cfg["data"]):
         st = p.stat()

@@ -33,6 +33,18 @@ def load(path: str | Path) -> Tokenizer:
     return Tokenizer.from_file(str(path))
 
 
+def check_file(path: str | Path, setting: str) -> None:
+    """One UserError line when a file is not a tokenizer the tokenizers library can load."""
+    from sheepop.errors import UserError
+
+    try:
+        Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception with serde's message
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{setting}={path}: not a tokenizer.json the tokenizers library can read ({first}); "
+                        "valid: a Hugging Face tokenizers JSON file (e.g. a run's tokenizer.json)") from None
+
+
 def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 

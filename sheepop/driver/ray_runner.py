@@ -14,7 +14,8 @@ from rich.console import Console
 
 from sheepop import compat
 from sheepop.config import Config
-from sheepop.driver.worker_env import worker_env
+from sheepop.errors import UserError
+from sheepop.driver.worker_env import apply_secrets, secret_env, worker_env
 from sheepop.logs import copy_ray_session_logs, logs_dir, output_to
 from sheepop.train.run_plan import RunPlan
 
@@ -26,6 +27,34 @@ def _use_gpu(cfg: Config) -> bool:
 
         return ray.cluster_resources().get("GPU", 0) > 0
     return v == "true"
+
+
+def cpus_per_worker(cfg: Config) -> int:
+    c = cfg.cluster
+    return c.cpus_per_worker or (max(1, (os.cpu_count() or 1) // c.num_workers) if c.kind == "local" else 1)
+
+
+def check_resources(cfg: Config, per_worker: dict[str, float], console: Console) -> None:
+    """Before the worker group is requested: can the cluster place num_workers workers at all?
+    Otherwise Ray Train would wait on its worker-group timeout again and again. One line naming
+    what the run needs and what the cluster has; with cluster.wait_for_resources (an autoscaling
+    cluster), a line saying what the run waits for instead."""
+    import ray
+
+    c = cfg.cluster
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    placeable = sum(int(min((res.get(k, 0) // v for k, v in per_worker.items() if v), default=0)) for res in nodes)
+    if placeable >= c.num_workers:
+        return
+    need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    have = ", ".join(f"{sum(res.get(k, 0) for res in nodes):g} {k}" for k in per_worker)
+    what = (f"cluster.num_workers={c.num_workers} workers × ({need}) each; the cluster has {have} over "
+            f"{len(nodes)} node(s), room for {placeable} such worker(s)")
+    if c.wait_for_resources:
+        console.print(f"[yellow]waiting for resources: {what}; Ray's autoscaler has to add nodes[/]")
+        return
+    raise UserError(f"{what}; valid: cluster.num_workers <= {placeable}, fewer CPUs per worker "
+                    "(cluster.cpus_per_worker), or cluster.wait_for_resources=true on an autoscaling cluster")
 
 
 def start_ray(cfg: Config, console: Console) -> bool:
@@ -66,13 +95,15 @@ def fit(plan: RunPlan, console: Console) -> dict:
     started = start_ray(cfg, console)
     try:
         gpu = _use_gpu(cfg)
-        cpus = c.cpus_per_worker or (max(1, (os.cpu_count() or 1) // c.num_workers) if c.kind == "local" else 1)
+        cpus = cpus_per_worker(cfg)
         resources = {"CPU": cpus}
         if gpu:
             resources["GPU"] = c.gpus_per_worker
+        check_resources(cfg, resources, console)
         trainer = TorchTrainer(
             _worker,
-            train_loop_config={"plan": plan},
+            # Secrets travel through the object store, never through runtime_env (logged by Ray).
+            train_loop_config={"plan": plan, "secrets": ray.put(secret_env())},
             scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             # Ray Train's run folder is <run storage>/checkpoints: each rank's upload lands in
@@ -114,6 +145,7 @@ def _worker(config: dict) -> None:
     from sheepop.train import checkpoint, checkpoint_files
 
     plan = config["plan"]
+    apply_secrets(ray.get(config["secrets"]))
     cfg = plan.cfg
     context = ray.train.get_context()
     rank, ray_storage = context.get_world_rank(), context.get_storage()

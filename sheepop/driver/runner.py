@@ -38,12 +38,26 @@ def preflight(cfg: Config) -> str | None:
     batch_plan(cfg, c.num_workers)  # raises on a micro batch that does not divide the global batch
     if c.kind == "ray":
         check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
+    if c.kind == "local":  # this machine alone decides what a local Ray can place: say so before starting it
+        have = c.num_cpus or os.cpu_count() or 1
+        per = c.cpus_per_worker or max(1, (os.cpu_count() or 1) // c.num_workers)
+        if c.num_workers * per > have:
+            raise UserError(f"cluster.num_workers={c.num_workers} × {per} CPU(s) each needs {c.num_workers * per} CPUs; "
+                            f"cluster=local has {have} (cluster.num_cpus={c.num_cpus or 'all'}); valid: "
+                            f"cluster.num_workers <= {max(1, have // per)}, or cluster=ray on a bigger cluster")
     storage.check_writable(cfg.run.dir, "run.dir")
     if c.storage_path:
         storage.check_writable(c.storage_path, "cluster.storage_path")
     if storage.is_uri(cfg.data.out_dir):
         storage.check_writable(storage.normalize(cfg.data.out_dir), "data.out_dir")
+    if c.kind in ("process", "local"):  # every rank writes on this machine: room for one checkpoint?
+        import tempfile
+
+        ckpt_root = checkpoint.root(cfg)
+        where = Path(tempfile.gettempdir()) if storage.is_uri(ckpt_root) else storage.local_path(ckpt_root)
+        checkpoint.check_space(where, checkpoint.estimated_bytes(cfg), "the first checkpoint")
     resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
+    prebuild_ops(cfg)
     existing = checkpoint.list_checkpoints(checkpoint.root(cfg))
     if cfg.trainer.resume == "never" and existing:
         raise UserError(f"{checkpoint.root(cfg)} already has checkpoints ({existing[-1].rsplit('/', 1)[-1]}); "
@@ -55,6 +69,20 @@ def preflight(cfg: Config) -> str | None:
                             f"{cfg.trainer.max_steps}: nothing to train; raise trainer.max_steps")
         check_same_model(cfg, resume)
     return resume
+
+
+def prebuild_ops(cfg: Config) -> None:
+    """DeepSpeed's JIT-built C++ ops: a build lock nobody will release is one line, not a silent
+    wait; where the ranks run here, the ops are built once into this environment before they start."""
+    from sheepop import extensions
+
+    extensions.check_locks()
+    if cfg.cluster.kind in ("process", "local"):  # remote nodes build in their own environments
+        extensions.activate()
+        from sheepop.train.engine import deepspeed_config
+
+        ds = deepspeed_config(cfg, batch_plan(cfg, cfg.cluster.num_workers))
+        extensions.prebuild(extensions.needed_ops(ds), log=lambda m: console.print(f"[yellow]{m}[/]"))
 
 
 def check_same_model(cfg: Config, ckpt: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ class Snapshot:
     elapsed_s: float | None = None
     ended: bool = False
     last_time: float | None = None
+    attempt: int = 0  # 0 = the first start; +1 per resume or restart
     losses: list[float] = field(default_factory=list)
 
     @classmethod
@@ -52,55 +54,69 @@ class Snapshot:
 
 
 class Progress:
-    """What a Snapshot needs, accumulated row by row: a poll costs only the rows it adds."""
+    """What a Snapshot needs, accumulated row by row: a poll costs only the rows it adds.
+
+    After a worker restart the steps since the last checkpoint run again: each step counts once,
+    with its last record, and steps an earlier attempt logged beyond where the run now is are
+    left out until they are re-run (they belong to a trajectory the restart threw away)."""
 
     def __init__(self):
         self.started = False  # a start/resume event was seen: ETA and elapsed count from the latest
         self.start_time: float | None = None
         self.ended = False
-        self.last_time: float | None = None
+        self.last_time: float | None = None  # of the newest line of any kind
+        self.attempt = 0
+        self.step: int | None = None  # where the run is: its newest step row, or where its latest start/resume began
         self.last: dict | None = None  # the newest step row
-        self.loss: float | None = None
-        self.val: dict | None = None  # the newest step row with a val_loss
-        self.by_step: dict[int, float] = {}  # after a restart the re-run steps replace the earlier ones
+        self.by_step: dict[int, float] = {}  # loss; a re-run step replaces the earlier record
+        self.val_by_step: dict[int, float] = {}
         self.recent: deque[tuple[float, int]] = deque(maxlen=ETA_WINDOW)  # (time, step) of this attempt
 
     def add(self, rows: list[dict]) -> None:
         for r in rows:
-            self.last_time = r.get("time")
+            if r.get("time") is not None:
+                self.last_time = r["time"]
+            self.attempt = r.get("attempt", self.attempt)
             ev = r.get("event")
             if ev in ("start", "resume"):
                 self.started, self.start_time, self.ended = True, r.get("time"), False
                 self.recent.clear()
+                self.step = r.get("step", self.step)
             elif ev == "end" and self.started:
                 self.ended = True
             elif ev is None and r.get("step") is not None:
-                self.last = r
+                self.last, self.step = r, r["step"]
                 if r.get("loss") is not None:
-                    self.by_step[r["step"]] = self.loss = r["loss"]
+                    self.by_step[r["step"]] = r["loss"]
                     if r.get("time"):
+                        if self.recent and r["step"] <= self.recent[-1][1]:
+                            self.recent.clear()  # steps went back without a start/resume line
                         self.recent.append((r["time"], r["step"]))
                 if r.get("val_loss") is not None:
-                    self.val = r
+                    self.val_by_step[r["step"]] = r["val_loss"]
 
     def snapshot(self, total: int) -> Snapshot:
-        snap = Snapshot(total=total, ended=self.ended, last_time=self.last_time)
-        last = self.last
-        if last is None:
+        snap = Snapshot(total=total, ended=self.ended, last_time=self.last_time, attempt=self.attempt)
+        if self.step is None:
             return snap
-        snap.losses = [self.by_step[s] for s in sorted(self.by_step)]
-        snap.step, snap.loss = last["step"], self.loss
+        snap.step = self.step
+        steps = sorted(self.by_step)
+        snap.losses = [self.by_step[s] for s in steps[:bisect_right(steps, snap.step)]]
+        snap.loss = snap.losses[-1] if snap.losses else None
+        last = self.last or {}
         snap.tokens_per_sec, snap.mfu = last.get("tokens_per_sec"), last.get("mfu")
-        if self.val:
-            snap.val_loss, snap.val_step = self.val["val_loss"], self.val["step"]
+        val_steps = [s for s in self.val_by_step if s <= snap.step]
+        if val_steps:
+            snap.val_step = max(val_steps)
+            snap.val_loss = self.val_by_step[snap.val_step]
         # Wall time per step over the recent rows of this attempt: includes evals and saves,
         # which the per-step step_time does not.
         (t0, s0), (t1, s1) = (self.recent[0], self.recent[-1]) if self.recent else ((None, 0), (None, 0))
         per_step = (t1 - t0) / (s1 - s0) if len(self.recent) >= 2 and s1 > s0 else last.get("step_time")
         if per_step is not None:
             snap.eta_s = max(0, total - snap.step) * per_step
-        if self.start_time and last.get("time"):
-            snap.elapsed_s = last["time"] - self.start_time
+        if self.start_time and self.last_time:
+            snap.elapsed_s = max(0.0, self.last_time - self.start_time)
         return snap
 
 
@@ -127,6 +143,8 @@ def plain_line(snap: Snapshot) -> str:
     if snap.mfu is not None:
         parts.append(f"MFU {snap.mfu:.1%}")
     parts.append(f"eta {duration(snap.eta_s)}")
+    if snap.attempt:
+        parts.append(f"attempt {snap.attempt}")
     return "  ".join(parts)
 
 
@@ -184,6 +202,7 @@ class LiveView:
             (f" @{s.val_step}" if s.val_step is not None else "", "dim"), "   ",
             (f"{s.tokens_per_sec:,.0f}" if s.tokens_per_sec else "-", "green"), " tok/s   ",
             ("MFU ", "bold"), (f"{s.mfu:.1%}" if s.mfu is not None else "-", "green"),
+            (f"   attempt {s.attempt}" if s.attempt else "", "dim"),
         )
         parts = [head, stats]
         if self.show_sparkline and s.losses:

@@ -55,14 +55,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return rows
 
 
-def latest_per_step(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
-    """(steps, values) for `key`; after a restart the re-run steps replace the earlier ones."""
-    by_step: dict[int, float] = {}
+def latest_per_step(rows: list[dict], key: str, skip_warmup: bool = False) -> tuple[list[int], list[float]]:
+    """(steps, values) for `key`; after a restart the re-run steps replace the earlier ones.
+
+    skip_warmup: leave out the first step each attempt logged (compilation, warm-up, the
+    checkpoint just loaded), unless nothing else is left: for typical speeds, not the curve."""
+    by_step: dict[int, tuple[float, bool]] = {}
+    first, attempt = True, None
     for r in rows:
+        if r.get("event") in ("start", "resume") or r.get("attempt", attempt) != attempt:
+            first = True  # a new attempt begins (a row's attempt tells it when no event did)
+        attempt = r.get("attempt", attempt)
         if "event" not in r and r.get(key) is not None:
-            by_step[r["step"]] = r[key]
+            by_step[r["step"]] = r[key], first
+            first = False
     steps = sorted(by_step)
-    return steps, [by_step[s] for s in steps]
+    if skip_warmup and any(not by_step[s][1] for s in steps):
+        steps = [s for s in steps if not by_step[s][1]]
+    return steps, [by_step[s][0] for s in steps]
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "tokenizer.json", "loss.png", "sample.txt")

@@ -24,12 +24,13 @@ def _plt():
 
 
 def _restarts(ax, rows: list[dict]) -> None:
-    """Mark resumes so a jump in a curve has an explanation."""
-    first = True
-    for r in rows:
-        if r.get("event") == "resume":
-            ax.axvline(r["step"], color="grey", ls=":", lw=1, label="resume" if first else None)
-            first = False
+    """Mark where each later attempt began (a resume, or a start over from step 0 when a run
+    failed before its first checkpoint), so a jump in a curve has an explanation. The curves
+    themselves take the last record of each step (latest_per_step): re-run steps count once."""
+    starts = [r for r in rows if r.get("event") in ("start", "resume")]
+    marks = [r for i, r in enumerate(starts) if r["event"] == "resume" or i > 0]
+    for i, r in enumerate(marks):
+        ax.axvline(r.get("step", 0), color="grey", ls=":", lw=1, label="resume" if i == 0 else None)
 
 
 def smooth(values: list[float], alpha: float | None = None) -> list[float]:

@@ -24,7 +24,7 @@ from sheepop.units import duration, human
 
 TOKENIZER_EXAMPLES = ["cat", "caterpillar", " the", "tokenization", "unbelievably",
                       "    for i in range(10):", "    return self._cache[key]"]
-EVENTS = ("start", "resume", "checkpoint", "stop", "end")
+EVENTS = ("start", "resume", "checkpoint", "checkpoint_skipped", "diverged", "stop", "end")
 
 
 @dataclass
@@ -117,23 +117,31 @@ def summary_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
     status = {"end": "finished", None: "no events"}.get(last_ev, "running (or died without an `end` event)")
     if last_ev == "end" and events[-1].get("stopped"):
         status = "stopped early (Ctrl-C or STOP file)"
-    _, loss = latest_per_step(rows, "loss")
+    # Every number takes the last record of a step: steps re-run after a restart count once.
+    lsteps, loss = latest_per_step(rows, "loss")
     vsteps, vloss = latest_per_step(rows, "val_loss")
-    _, tps = latest_per_step(rows, "tokens_per_sec")
-    _, mfu = latest_per_step(rows, "mfu")
+    _, tps = latest_per_step(rows, "tokens_per_sec", skip_warmup=True)
+    _, mfu = latest_per_step(rows, "mfu", skip_warmup=True)
+    _, step_time = latest_per_step(rows, "step_time", skip_warmup=True)
     _, mem = latest_per_step(rows, "mem_allocated")
     t0 = rows[0].get("time") if rows else None
     t1 = rows[-1].get("time") if rows else None
+    # where the run is: its latest step line (of the latest attempt), with the job's token count then
+    last = steps[-1] if steps else {}
+    restarts = max(0, sum(1 for r in events if r["event"] in ("start", "resume")) - 1)
+    rerun = sum(1 for r in steps if r.get("loss") is not None) - len(lsteps)
     pairs = [
         ("status", status),
-        ("steps", f"{steps[-1]['step'] if steps else 0:,} / {cfg['trainer']['max_steps']:,}"),
-        ("tokens seen", num(steps[-1].get("tokens")) if steps else "-"),
+        ("steps", f"{last.get('step', 0):,} / {cfg['trainer']['max_steps']:,}"),
+        ("tokens seen", num(last.get("tokens"))),
         ("final train loss", num(loss[-1]) if loss else "-"),
         ("final validation loss", f"{num(vloss[-1])} (perplexity {num(math.exp(min(vloss[-1], 50)))}) at step {vsteps[-1]:,}"
          if vloss else "-"),
-        ("median tokens/s", f"{median(tps[1:] or tps):,.0f}" if tps else "-"),
-        ("median MFU", f"{100 * median(mfu[1:] or mfu):.2f}%" if mfu else "-"),
+        ("median tokens/s", f"{median(tps):,.0f}" if tps else "-"),
+        ("median MFU", f"{100 * median(mfu):.2f}%" if mfu else "-"),
+        ("median step time", duration(median(step_time)) if step_time else "-"),
         ("peak memory (max over ranks)", f"{max(mem):.2f} GiB" if mem else "-"),
+        ("restarts", f"{restarts}" + (f" ({rerun} step(s) run again, counted once)" if rerun else "")),
         ("wall time (first to last line)", duration(t1 - t0) if t0 and t1 else "-"),
         ("run directory", str(cfg["run"]["dir"])),
     ]
@@ -289,23 +297,26 @@ def events_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
 
     t0 = rows[0].get("time") if rows else None
     table_rows, classes = [], []
+    attempt = 0  # lines written before MetricsSink stamped each one: the attempt of the latest start/resume
     for r in rows:
         ev = r.get("event")
+        if ev in ("start", "resume"):
+            attempt = r.get("attempt", attempt)
         if ev not in EVENTS:
             continue
         if ev in ("start", "resume"):
-            detail = f"{r.get('world_size', '?')} rank(s), attempt {r.get('attempt', 0)}"
+            detail = f"{r.get('world_size', '?')} rank(s)"
             if r.get("checkpoint"):
                 detail += f", from {Path(r['checkpoint']).name}"
-        elif ev == "stop":
+        elif ev in ("stop", "diverged", "checkpoint_skipped"):
             detail = r.get("reason", "")
         elif ev == "end":
             detail = "stopped early" if r.get("stopped") else "finished"
         else:
             detail = ""
-        table_rows.append([ev, num(r.get("step")), when(r.get("time"), t0), detail])
-        classes.append(ev if ev in ("resume", "stop") else "")
-    h, md = table(["event", "step", "time", "detail"], table_rows, {1}, row_classes=classes)
+        table_rows.append([ev, num(r.get("step")), str(r.get("attempt", attempt)), when(r.get("time"), t0), detail])
+        classes.append("stop" if ev == "diverged" else ev if ev in ("resume", "stop") else "")
+    h, md = table(["event", "step", "attempt", "time", "detail"], table_rows, {1, 2}, row_classes=classes)
     ckpt_root = checkpoint_root(cfg)
     kept = checkpoint.list_checkpoints(ckpt_root)
     ck_rows = []

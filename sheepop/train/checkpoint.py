@@ -85,6 +85,35 @@ def resolve_resume(cfg: Config, log=None) -> str | None:
                     "never, a step_N folder, a checkpoints/ folder or a run dir (local or a storage URI)")
 
 
+def estimated_bytes(cfg: Config) -> int:
+    """What one checkpoint of this model takes on disk, all ranks together: weights plus the fp32
+    master and Adam moments (at most 4 + 12 bytes a parameter), and a little for the rest."""
+    from sheepop.model.transformer import num_params
+
+    return num_params(cfg.model) * 16 + 2**20
+
+
+_last_bytes: dict[int, int] = {}  # rank → size of its last saved checkpoint (the best estimate of the next)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds `path` (or would, once created)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def check_space(where: Path, need: int, what: str) -> None:
+    from sheepop.units import human
+
+    free = free_bytes(where)
+    if free < need:
+        raise UserError(f"not enough disk space for {what}: {where} has {human(free, 'B')} free, a checkpoint "
+                        f"needs about {human(need, 'B')}; free some space or save elsewhere (run.dir, "
+                        "cluster.storage_path); the last complete checkpoint stays the resume point")
+
+
 def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, report=None,
          uploads: Uploads | None = None) -> str:
     """Save on every rank (each writes its shard); returns the checkpoint's location.
@@ -101,7 +130,23 @@ def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, r
         local.mkdir(parents=True)
     else:
         local = Path(tempfile.mkdtemp(prefix=f"sheepop-{step_name}-r{rank}-"))
-    engine.save_checkpoint(str(local), tag=DS_TAG, save_latest=False)
+    need = _last_bytes.get(rank) or estimated_bytes(cfg) // max(1, torch.distributed.get_world_size())
+    try:
+        check_space(local, need, f"checkpoint {step_name}")
+        engine.save_checkpoint(str(local), tag=DS_TAG, save_latest=False)
+    except UserError:
+        shutil.rmtree(local, ignore_errors=True)
+        raise
+    except (OSError, RuntimeError):  # torch's serializer says "unexpected pos ..." when the disk fills up
+        shutil.rmtree(local, ignore_errors=True)  # never a half-written checkpoint; the last good one stays
+        if free_bytes(local.parent) > 64 * 2**20:
+            raise
+        from sheepop.units import human
+
+        raise UserError(f"saving checkpoint {step_name} to {local} failed: the disk is full "
+                        f"({human(free_bytes(local.parent), 'B')} free, about {human(need, 'B')} needed); free "
+                        "some space or save elsewhere; the last complete checkpoint stays the resume point") from None
+    _last_bytes[rank] = sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
     if rank == 0:
         (local / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
         shutil.copy(tokenizer_path, local / "tokenizer.json")

@@ -22,8 +22,10 @@ import torch.distributed as dist
 
 from sheepop.data.loader import TokenWindows
 from sheepop.data.shards import verify_prepared
+from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, flops_per_token
 from sheepop.train import checkpoint, engine as eng
+from sheepop.train.guard import DivergenceGuard
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
 
@@ -88,10 +90,11 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
 
     train_data = TokenWindows(data_dir, manifest, "train", seq)
     val_data = TokenWindows(data_dir, manifest, "val", seq)
-    sink = MetricsSink(cfg, rank, state.get("wandb_id"))
+    sink = MetricsSink(cfg, rank, state.get("wandb_id"), attempt=state["attempt"])
     state["wandb_id"] = sink.wandb_id
     stop = StopRequest(run_dir)
     fpt = flops_per_token(args, seq)
+    guard = DivergenceGuard(args.vocab_size)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
     def evaluate() -> float:
@@ -150,8 +153,14 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
                 "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
-        if not math.isfinite(last["loss"]):
-            raise FloatingPointError(f"loss became {last['loss']} at step {step}; lower trainer.lr={t_cfg.lr}")
+        diverged = guard.check(last["loss"], last["grad_norm"])
+        if diverged:
+            sink.event("diverged", step=step, reason=diverged)
+            sink.close()
+            stop.restore()
+            eng.shutdown()
+            raise UserError(f"training diverged at step {step}: {diverged}; no checkpoint was taken since it "
+                            f"began, so trainer.resume=auto restarts from the last good one; lower trainer.lr={t_cfg.lr}")
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
             last["val_loss"] = evaluate()
             last["val_ppl"] = math.exp(min(last["val_loss"], 50))
@@ -160,7 +169,10 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
             sink.log(last)
         stopped = buf[1].item() > 0
         if stopped or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
-            save(final=step == t_cfg.max_steps)
+            if guard.suspect:  # never let a diverging model displace a good checkpoint
+                sink.event("checkpoint_skipped", step=step, reason="the loss looks like divergence")
+            else:
+                save(final=step == t_cfg.max_steps)
         if stopped:
             sink.event("stop", step=step, reason="stop requested (Ctrl-C or STOP file)")
             break

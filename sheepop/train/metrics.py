@@ -97,8 +97,9 @@ class _Mirror:
 class MetricsSink:
     """Rank 0 writes; other ranks get a sink that drops everything."""
 
-    def __init__(self, cfg: Config, rank: int, wandb_id: str | None = None):
+    def __init__(self, cfg: Config, rank: int, wandb_id: str | None = None, attempt: int = 0):
         self.active = rank == 0
+        self.attempt = attempt  # which start of the run wrote a line (0 = the first; +1 per resume or restart)
         self.run_dir = Path(cfg.run.dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.wandb = None
@@ -141,7 +142,7 @@ class MetricsSink:
     def log(self, row: dict) -> None:
         if not self.active:
             return
-        row = {"time": round(time.time(), 3), **row}
+        row = {"time": round(time.time(), 3), "attempt": self.attempt, **row}
         self._file.write(json.dumps(row) + "\n")
         self._mirror.maybe(force="event" in row)
         step = row.get("step")

@@ -18,7 +18,7 @@ import torch
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.checkpoint import consolidated_state_dict
-from tests.helpers import ROOT, TINY_DATA, sheepop
+from tests.helpers import ROOT, TINY_DATA, one_error_line, sheepop
 
 STEPS = 12
 
@@ -173,3 +173,10 @@ def test_local_cluster_listens_on_loopback_only():
     outside = [s for s in got["socks"] if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert outside == [], outside
     assert got["ifname"] == "lo"
+
+
+def test_more_workers_than_the_cluster_can_place_fail_in_one_line(ray_head, tmp_path):
+    """A running cluster with 2 CPUs cannot place 3 one-CPU workers: say so, do not wait forever."""
+    r = sheepop("train", *on_ray(ray_head, tmp_path / "run", "cluster.num_workers=3", "trainer.global_batch_size=12"))
+    line = one_error_line(r)
+    assert "cluster.num_workers=3 workers × (1 CPU) each; the cluster has 2 CPU" in line and "room for 2" in line

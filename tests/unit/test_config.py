@@ -32,6 +32,8 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("model=nonexistent", "valid: gpt2-124m, llama-1b, llama-7b, small, tiny"),
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("model.d_model=97", "divisible"),
+    ("model.d_model=0", "model.d_model=0 must be >= 1"),
+    ("model.n_layers=-1", "model.n_layers=-1 must be >= 1"),
     ("cluster.num_workers=0", "cluster.num_workers=0"),
     ("trainer.precision=fp8", "valid: auto, bf16, bf16-autocast, fp32"),
     ("cluster.storage_path=nosuchscheme://bucket/runs", "unknown storage scheme 'nosuchscheme://'; valid: a folder, or s3://"),

@@ -113,3 +113,23 @@ def test_submit_refuses_a_run_that_cannot_fit_unless_forced():
     r = sheepop("submit", "--dry-run", "--force", *big)
     assert r.returncode == 0, r.stderr
     assert "sheepop.cli train cluster=ray model=llama-7b" in r.stdout
+
+
+def test_dry_run_lists_every_file_it_would_upload_before_the_entrypoint(tmp_path):
+    wd = tmp_path / "wd"
+    files = {"train.py": "x" * 10, "conf/a b.yaml": "", "notes/big.txt": "y" * 3000,
+             **{f"many/f{i:03d}.py": "pass\n" for i in range(250)}}  # a long list is printed in full
+    for rel, text in files.items():
+        (wd / rel).parent.mkdir(parents=True, exist_ok=True)
+        (wd / rel).write_text(text)
+    (wd / ".env").write_text(f"KEY={SECRET}")  # excluded by name: not listed
+    r = sheepop("submit", "--dry-run", "--working-dir", str(wd), "model=tiny", "run.dir=/tmp/sheepop-never-written")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith(f"working dir {wd}: {len(files)} files, ")
+    listed = lines[1:1 + len(files)]
+    assert [ln[14:] for ln in listed] == sorted(files)  # "  <size, 10 wide>  <path relative to the working dir>"
+    sizes = {ln[14:]: ln[:12].strip() for ln in listed}
+    assert (sizes["train.py"], sizes["conf/a b.yaml"], sizes["notes/big.txt"]) == ("10 B", "0 B", "2.9 KiB")
+    assert lines[1 + len(files):] == ["python -m sheepop.cli train cluster=ray model=tiny "
+                                      "run.dir=/tmp/sheepop-never-written"]

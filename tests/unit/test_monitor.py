@@ -53,6 +53,138 @@ def test_read_metrics_and_latest_per_step_take_the_last_record_of_a_replayed_ste
     assert latest_per_step(rows, "val_loss") == ([3], [3.2])
 
 
+# A run whose worker group Ray restarted: attempt 0 logged steps 1..10 (checkpoint at 5) and died;
+# attempt 1 resumed from step 5 and logged 6..12 again with other values. It reads as steps 1..12,
+# attempt 1's values for 6..10.
+RESUME_AT, DIED_AT, MAX_STEPS = 5, 10, 12
+
+
+def _step_row(step: int, attempt: int, t: float) -> dict:
+    warm = step == (1, RESUME_AT + 1)[attempt]  # each attempt's first step: compilation, a loaded checkpoint
+    row = {"time": t, "attempt": attempt, "step": step, "loss": 10 - step / 2 - attempt / 4,
+           "lr": step * 1e-4 * (1 + attempt), "tokens": step * 100,
+           "tokens_per_sec": 100.0 if warm else 1000.0 * (1 + attempt), "step_time": 5.0 if warm else (0.6, 0.3)[attempt],
+           "mfu": 0.1 * (1 + attempt), "mem_allocated": 1.0 + attempt}
+    if step % 5 == 0:
+        row["val_loss"] = 9 - step / 2 - attempt / 4
+    return row
+
+
+def _replayed_rows() -> list[dict]:
+    rows = [{"time": 100.0, "attempt": 0, "event": "start", "step": 0, "world_size": 2},
+            {"time": 100.5, "attempt": 0, "step": 0, "val_loss": 9.5}]
+    for step in range(1, DIED_AT + 1):
+        rows.append(_step_row(step, 0, 100.0 + step))
+        if step == RESUME_AT:
+            rows.append({"time": 100.0 + step, "attempt": 0, "event": "checkpoint", "step": step})
+    rows.append({"time": 200.0, "attempt": 1, "event": "resume", "step": RESUME_AT, "world_size": 2})
+    for step in range(RESUME_AT + 1, MAX_STEPS + 1):
+        rows.append(_step_row(step, 1, 200.0 + 2 * (step - RESUME_AT)))
+        if step in (10, MAX_STEPS):
+            rows.append({"time": 200.0 + 2 * (step - RESUME_AT), "attempt": 1, "event": "checkpoint", "step": step})
+    rows.append({"time": 230.0, "attempt": 1, "event": "end", "step": MAX_STEPS, "stopped": False})
+    return rows
+
+
+def _expected(key: str) -> tuple[list[int], list[float]]:
+    """`key` of steps 1..12 as the run ends up: attempt 0 up to the checkpoint, attempt 1 after it."""
+    steps = list(range(1, MAX_STEPS + 1))
+    return steps, [_step_row(s, int(s > RESUME_AT), 0)[key] for s in steps]
+
+
+@pytest.fixture
+def replayed(tmp_path):
+    """The rows of the restarted run, written to a metrics.jsonl and read back."""
+    from sheepop.monitor.metrics_file import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _replayed_rows()))
+    rows = read_metrics(tmp_path)
+    assert len(rows) == len(_replayed_rows())
+    return rows
+
+
+def test_live_view_counts_each_replayed_step_once_with_its_last_record(replayed):
+    from sheepop.monitor.live import Progress, Snapshot, plain_line
+
+    snap = Snapshot.from_rows(replayed, MAX_STEPS)
+    assert (snap.step, snap.attempt, snap.ended) == (MAX_STEPS, 1, True)
+    assert snap.losses == _expected("loss")[1]  # 12 steps, not 17
+    assert snap.loss == _step_row(MAX_STEPS, 1, 0)["loss"]
+    assert (snap.val_step, snap.val_loss) == (10, _step_row(10, 1, 0)["val_loss"])  # attempt 1's eval of step 10
+    assert snap.tokens_per_sec == 2000.0 and snap.mfu == pytest.approx(0.2)
+    assert snap.eta_s == 0 and snap.elapsed_s == 30.0  # from the resume (t=200) to the end (t=230)
+    assert plain_line(snap).endswith("attempt 1")
+    progress = Progress()  # a line at a time, as the live view polls: the same
+    for r in replayed:
+        progress.add([r])
+    assert progress.snapshot(MAX_STEPS) == snap
+
+    # While attempt 1 re-runs them, attempt 0's steps past the resume point do not count yet.
+    resume = next(i for i, r in enumerate(replayed) if r.get("event") == "resume")
+    snap = Snapshot.from_rows(replayed[:resume + 1], MAX_STEPS)
+    assert (snap.step, snap.attempt, len(snap.losses)) == (RESUME_AT, 1, RESUME_AT)
+    assert snap.loss == _step_row(RESUME_AT, 0, 0)["loss"] and snap.val_step == RESUME_AT
+    assert snap.elapsed_s == 0.0  # not negative: attempt 0's last line is older than the resume
+    at7 = next(i for i, r in enumerate(replayed) if r.get("attempt") == 1 and r.get("step") == 7)
+    snap = Snapshot.from_rows(replayed[:at7 + 1], MAX_STEPS)
+    assert snap.step == 7 and snap.losses == _expected("loss")[1][:7]
+    assert (snap.val_step, snap.val_loss) == (5, _step_row(5, 0, 0)["val_loss"])  # not attempt 0's step 10
+    assert snap.eta_s == pytest.approx((MAX_STEPS - 7) * 2.0)  # attempt 1's pace: 2 s a step
+    assert snap.elapsed_s == 4.0
+
+    # A replay that no start/resume line announces still resets the pace (steps went back).
+    plain = [r for r in _replayed_rows() if "event" not in r]
+    snap = Snapshot.from_rows(plain, MAX_STEPS)
+    assert snap.step == MAX_STEPS and snap.losses == _expected("loss")[1]
+    assert snap.eta_s == 0
+
+
+def test_plot_series_take_the_last_record_of_each_step(replayed):
+    from sheepop.monitor import plot
+
+    def series(fig, panel: int = 0, line: int = 0) -> tuple[list, list]:
+        ln = fig.axes[panel].lines[line]
+        return list(ln.get_xdata()), list(ln.get_ydata())
+
+    fig = plot.loss_figure(replayed)
+    assert series(fig) == _expected("loss")
+    assert series(fig, line=1) == ([0, 5, 10], [9.5, _step_row(5, 0, 0)["val_loss"], _step_row(10, 1, 0)["val_loss"]])
+    assert list(fig.axes[0].lines[2].get_xdata()) == [RESUME_AT, RESUME_AT]  # the resume is marked
+    assert series(plot.lr_figure(replayed)) == _expected("lr")
+    fig = plot.throughput_figure(replayed)
+    assert series(fig, 0) == _expected("tokens_per_sec")
+    steps, mfu = series(fig, 1)
+    assert steps == _expected("mfu")[0] and mfu == pytest.approx([100 * v for v in _expected("mfu")[1]])
+    assert series(fig, 2) == _expected("mem_allocated")
+    plot._plt().close("all")
+
+
+def test_report_numbers_count_replayed_steps_once(replayed, tmp_path):
+    from sheepop.monitor import report
+    from sheepop.monitor.metrics_file import latest_per_step
+
+    assert latest_per_step(replayed, "tokens_per_sec", skip_warmup=True) == (
+        [2, 3, 4, 5, 7, 8, 9, 10, 11, 12], [1000.0] * 4 + [2000.0] * 6)  # each attempt's first step left out
+    cfg = {"trainer": {"max_steps": MAX_STEPS}, "run": {"dir": str(tmp_path), "name": "r"},
+           "cluster": {"storage_path": None}}
+    rep = report.Report("r")
+    report.summary_section(rep, cfg, replayed)
+    report.events_section(rep, cfg, replayed)
+    summary, events = (s.md.splitlines()[2:] for s in rep.sections)
+    got = dict(line.strip("| ").split(" | ", 1) for line in summary)
+    assert got["steps"] == f"{MAX_STEPS} / {MAX_STEPS}" and got["tokens seen"] == "1,200"
+    assert got["status"] == "finished"
+    assert got["final train loss"] == report.num(_step_row(MAX_STEPS, 1, 0)["loss"])
+    assert got["final validation loss"].endswith("at step 10")
+    # Counting every line would give 1,000 tokens/s, 0.6s and 10% (attempt 0 logged more lines).
+    assert got["median tokens/s"] == "2,000" and got["median step time"] == "0.3s"
+    assert got["median MFU"] == "20.00%" and got["peak memory (max over ranks)"] == "2.00 GiB"
+    assert got["restarts"] == "1 (5 step(s) run again, counted once)"
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in events[:5]]
+    assert [(r[0], r[1], r[2]) for r in table] == [("start", "0", "0"), ("checkpoint", "5", "0"), ("resume", "5", "1"),
+                                                   ("checkpoint", "10", "1"), ("checkpoint", "12", "1")]
+
+
 def test_sparkline_follows_the_values():
     from sheepop.monitor.live import sparkline
 

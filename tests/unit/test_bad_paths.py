@@ -1,0 +1,35 @@
+"""Paths the config names are checked before anything starts: one line naming the value."""
+from __future__ import annotations
+
+from tests.helpers import one_error_line, sheepop
+
+
+def test_run_dir_that_cannot_be_written(tmp_path):
+    line = one_error_line(sheepop("train", "model=tiny", "run.dir=/proc/sheepop-cannot/run"))
+    assert "run.dir=/proc/sheepop-cannot/run: cannot write there" in line
+
+
+def test_tokenizer_file_that_is_not_json(tmp_path):
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    line = one_error_line(sheepop("prepare", "model=tiny", f"tokenizer.path={bad}", f"data.out_dir={tmp_path}/d"))
+    assert f"tokenizer.path={bad}: not a tokenizer.json the tokenizers library can read" in line
+    assert not (tmp_path / "d").exists()  # nothing prepared
+
+
+def test_storage_endpoint_that_does_not_answer(tmp_path):
+    from sheepop.net import free_port
+
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    r = sheepop("train", "model=tiny", f"run.dir={tmp_path}/run", "cluster.storage_path=s3://nope/x",
+                env={"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+                     "AWS_EC2_METADATA_DISABLED": "true"})
+    line = one_error_line(r)
+    assert f"cluster.storage_path=s3://nope/x: cannot reach the S3 endpoint {endpoint}" in line
+
+
+def test_more_local_workers_than_cpus_fail_before_ray_starts(tmp_path):
+    line = one_error_line(sheepop("train", "model=tiny", f"run.dir={tmp_path}/run", "cluster=local",
+                                  "cluster.num_workers=64", "trainer.global_batch_size=0"))
+    assert "cluster.num_workers=64 × 1 CPU(s) each needs 64 CPUs; cluster=local has" in line
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
