@@ -160,7 +160,10 @@ class RayHead:
 
 
 def _node_env(temp_dir: Path, extra: dict | None) -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    # A test that ran cluster=local in this process set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    # (compat.ray_loopback_only): a test cluster's nodes must not inherit it, or no second node joins.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
             "RAY_TMPDIR": str(temp_dir),
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # SIGTERM otherwise waits 30 s "draining" the node
             **(extra or {})}
