@@ -22,7 +22,7 @@ from pathlib import Path
 from sheepop.net import free_port
 
 __all__ = ["ROOT", "TMP", "DATA_DIR", "TINY_DATA", "CLI_TIMEOUT", "sheepop", "tiny_overrides", "one_error_line",
-           "letters_only_tokenizer", "wait_for", "free_port", "RayHead", "RayNode"]
+           "letters_only_tokenizer", "wait_for", "free_port", "plan_without_data", "RayHead", "RayNode"]
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository (this file: tests/helpers/__init__.py)
 TMP = Path(os.environ.get("SHEEPOP_TEST_TMP", "/tmp/sheepop-tests"))  # W&B dirs, caches, shared data
@@ -45,6 +45,21 @@ def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
     """A fast, deterministic in-process run of the tiny model on a slice of the stdlib."""
     return ["model=tiny", "trainer=quick", "cluster=process", "logger=none", f"run.dir={run_dir}", *TINY_DATA,
             *extra]
+
+
+def plan_without_data(cfg, tmp_path: Path):
+    """(the driver's RunPlan for cfg, the data folder it names): the manifest of data prepared here,
+    but data.out_dir pointing where nothing was prepared, as a node without the data would see it."""
+    import dataclasses
+
+    from sheepop.data.shards import load_manifest
+    from sheepop.driver.runner import make_plan
+
+    manifest = load_manifest(cfg.data.out_dir)  # what the driver prepared, on its node
+    elsewhere = tmp_path / "not-prepared-here"
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path / "run")),
+                              data=dataclasses.replace(cfg.data, out_dir=str(elsewhere)))
+    return make_plan(cfg, None, manifest), elsewhere
 
 
 def one_error_line(r: subprocess.CompletedProcess) -> str:
@@ -144,11 +159,7 @@ class RayHead:
     def stop(self) -> None:
         import psutil
 
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _end(self.proc)
         # Anything still alive that names our temp dir (workers, agents) goes by PID.
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
@@ -157,6 +168,15 @@ class RayHead:
             except psutil.Error:
                 pass
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """SIGTERM (`ray start --block` then stops everything it started), SIGKILL after a minute."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _node_env(temp_dir: Path, extra: dict | None) -> dict:
@@ -205,8 +225,4 @@ class RayNode:
         return node
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        _end(self.proc)

@@ -8,17 +8,7 @@ import dataclasses
 import pytest
 
 from sheepop.errors import UserError
-
-
-def _plan_without_data(cfg, tmp_path):
-    from sheepop.data.shards import load_manifest
-    from sheepop.driver.runner import make_plan
-
-    manifest = load_manifest(cfg.data.out_dir)  # what the driver prepared, on its node
-    elsewhere = tmp_path / "not-prepared-here"  # the same setting, seen from a node that lacks the data
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(tmp_path / "run")),
-                              data=dataclasses.replace(cfg.data, out_dir=str(elsewhere)))
-    return make_plan(cfg, None, manifest), elsewhere
+from tests.helpers import plan_without_data
 
 
 def test_ray_worker_without_prepared_data_fails_in_one_line(tiny_cfg, tmp_path):
@@ -28,7 +18,7 @@ def test_ray_worker_without_prepared_data_fails_in_one_line(tiny_cfg, tmp_path):
 
     from sheepop.driver.ray_runner import fit
 
-    plan, elsewhere = _plan_without_data(tiny_cfg, tmp_path)
+    plan, elsewhere = plan_without_data(tiny_cfg, tmp_path)
     cfg = dataclasses.replace(plan.cfg, cluster=dataclasses.replace(plan.cfg.cluster, kind="local", num_cpus=2))
     plan = dataclasses.replace(plan, cfg=cfg)
     with pytest.raises(UserError) as err:
