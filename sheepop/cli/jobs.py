@@ -70,17 +70,21 @@ def _parser(command: str, description: str) -> _Parser:
     return p
 
 
-# The commands about one job: description, on/off flags (names, help), --timeout (default, help).
-JOB_COMMANDS: dict[str, tuple[str, list[tuple[tuple[str, ...], str]], tuple[float, str] | None]] = {
+# The commands about one job: description, on/off flags (names, help), a time limit (flag, default, help).
+JOB_COMMANDS: dict[str, tuple[str, list[tuple[tuple[str, ...], str]], tuple[str, float, str] | None]] = {
     "status": ("Status of a Ray Job. Exit code: 0 succeeded/pending/running, 1 failed, 3 stopped.",
                [(("--wait",), "wait until the job ends; exit 0 only if it succeeded")],
-               (0, "with --wait: give up after this many seconds (0 = never)")),
+               ("--timeout", 0, "with --wait: give up after this many seconds (0 = never)")),
     "logs": ("Logs of a Ray Job (the entrypoint's stdout and stderr).",
              [(("-f", "--follow"), "keep streaming until the job ends; exit with its state")], None),
-    "stop": ("Stop a Ray Job (SIGTERM to its entrypoint, then SIGKILL) and wait until it has stopped.",
+    "stop": ("Stop a Ray Job gracefully: SIGTERM to its entrypoint, so every rank finishes its step and saves a "
+             "checkpoint (`trainer.resume=auto` continues it); Ray kills the job if it has not stopped "
+             "within its --stop-grace (set at submit).",
              [(("--no-wait",), "return once the stop is requested")],
-             (60, "seconds to wait for STOPPED (default 60)")),
+             ("--grace", 0, "seconds to wait for the job to save and stop (default: its --stop-grace + 60)")),
 }
+STOP_GRACE_S = 300  # default `submit --stop-grace`: a checkpoint of a large model to object storage fits
+RAY_STOP_MARGIN_S = 30  # Ray's SIGKILL comes this long after the driver's own abort (SHEEPOP_STOP_GRACE_S)
 
 
 def _job_command(command: str, argv: list[str]) -> tuple:
@@ -91,7 +95,7 @@ def _job_command(command: str, argv: list[str]) -> tuple:
     for names, help_ in flags:
         p.add_argument(*names, action="store_true", help=help_)
     if timeout:
-        p.add_argument("--timeout", type=float, default=timeout[0], help=timeout[1])
+        p.add_argument(timeout[0], dest="timeout", type=float, default=timeout[1], help=timeout[2])
     args = p.parse_args(argv)
     return (args, *open_job(args))
 
@@ -397,10 +401,15 @@ def forwarded_env(names: list[str]) -> dict[str, str]:
     return env
 
 
-def runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str]) -> dict:
+def runtime_env(working_dir: Path, excludes: list[str], env: dict[str, str], stop_grace: float = STOP_GRACE_S) -> dict:
     from sheepop.compat import RAY_JOB_ENV
+    from sheepop.driver.stop_forwarder import GRACE_ENV
 
-    return {"working_dir": str(working_dir), "excludes": excludes, "env_vars": {**env, **RAY_JOB_ENV}}
+    # `sheepop stop` is Ray's SIGTERM to the entrypoint: the driver has stop_grace seconds to let
+    # every rank save (then it aborts), and Ray's own SIGKILL (after RAY_JOB_STOP_WAIT_TIME_S, 3 s by
+    # default) comes a margin later; the job's supervisor reads it from these env_vars.
+    grace = {GRACE_ENV: f"{stop_grace:g}", "RAY_JOB_STOP_WAIT_TIME_S": str(int(stop_grace + RAY_STOP_MARGIN_S))}
+    return {"working_dir": str(working_dir), "excludes": excludes, "env_vars": {**env, **grace, **RAY_JOB_ENV}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,11 +429,16 @@ def submit_main(argv: list[str]) -> int:
     p.add_argument("--follow", action="store_true", help="stream the job's logs; exit with its final state")
     p.add_argument("--dry-run", action="store_true", help="print what would be submitted; contact nothing")
     p.add_argument("--force", action="store_true", help="submit even when `sheepop plan` says it will not fit")
+    p.add_argument("--stop-grace", type=float, default=STOP_GRACE_S, metavar="SECONDS",
+                   help=f"after `sheepop stop`, how long the ranks may take to save before the job is killed "
+                        f"(default {STOP_GRACE_S})")
     args, overrides = p.parse_known_args(argv)
     flags = [o for o in overrides if o.startswith("-")]
     if flags:
         raise UserError(f"unknown option '{flags[0]}'; options: -m, --address, --env, --working-dir, --exclude, "
-                        "--python, --follow, --dry-run, --force (everything else is a Hydra override)")
+                        "--python, --follow, --dry-run, --force, --stop-grace (everything else is a Hydra override)")
+    if args.stop_grace <= 0:
+        raise UserError(f"--stop-grace={args.stop_grace:g}: must be > 0 seconds (default {STOP_GRACE_S})")
 
     jobs = plan_jobs(overrides, args.multirun, args.force)  # bad overrides / runs that cannot fit fail here
     if args.follow and len(jobs) > 1:
@@ -435,7 +449,7 @@ def submit_main(argv: list[str]) -> int:
     excludes = EXCLUDES + list(args.exclude)
     files = check_upload(wd, excludes)  # too large, or a credential in a file: fails here
     env = forwarded_env([n for arg in args.env for n in arg.split(",") if n])
-    renv = runtime_env(wd, excludes, env)
+    renv = runtime_env(wd, excludes, env, args.stop_grace)
     print(f"working dir {wd}: {len(files)} files, {_mib(sum(s for _, s in files))}; "
           f"forwarding env: {', '.join(sorted(env)) or 'none'}")
     if args.dry_run:  # every file, however many: what would leave this machine
@@ -531,9 +545,16 @@ def stop_main(argv: list[str]) -> int:
     if args.no_wait:
         print(f"{args.job_id}: stop requested")
         return 0
-    info = wait_for(client, args.job_id, address, args.timeout, poll=0.5)
+    env = (info.runtime_env or {}).get("env_vars") or {}
+    kill_after = float(env.get("RAY_JOB_STOP_WAIT_TIME_S") or 3)  # Ray's SIGKILL after the SIGTERM
+    timeout = args.timeout or kill_after + RAY_STOP_MARGIN_S
+    info = wait_for(client, args.job_id, address, timeout, poll=0.5)
+    if info.status.value not in TERMINAL:
+        print(f"{args.job_id}: still {info.status.value} {duration(timeout)} after the stop request; Ray kills it "
+              f"{duration(kill_after)} after the request", file=sys.stderr)
+        return 1
     print(f"{args.job_id}: {info.status.value}")
-    return 0 if info.status.value in TERMINAL else 1
+    return 0
 
 
 def _quiet_ray_upload_logs() -> None:

@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
     from sheepop.driver.runner import run
+    from sheepop.train.stop import STOPPED_EXIT_CODE
 
     result = run(cfg)
-    return 130 if result.get("stopped") else 0
+    return STOPPED_EXIT_CODE if result.get("stopped") else 0

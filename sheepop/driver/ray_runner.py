@@ -7,7 +7,9 @@ resumes from the latest reported checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import uuid
 from pathlib import Path
 
 from rich.console import Console
@@ -15,9 +17,11 @@ from rich.console import Console
 from sheepop import compat
 from sheepop.config import Config
 from sheepop.errors import UserError
+from sheepop.driver.stop_forwarder import StopForwarder
 from sheepop.driver.worker_env import apply_secrets, secret_env, worker_env
 from sheepop.logs import copy_ray_session_logs, logs_dir, output_to
 from sheepop.train.run_plan import RunPlan
+from sheepop.train.stop import flag_actor
 
 
 def _use_gpu(cfg: Config) -> bool:
@@ -100,6 +104,9 @@ def fit(plan: RunPlan, console: Console) -> dict:
         if gpu:
             resources["GPU"] = c.gpus_per_worker
         check_resources(cfg, resources, console)
+        channel = f"sheepop-stop-{uuid.uuid4().hex[:12]}"
+        flag = flag_actor(channel)
+        plan = dataclasses.replace(plan, stop_channel=channel)
         trainer = TorchTrainer(
             _worker,
             # Secrets travel through the object store, never through runtime_env (logged by Ray).
@@ -117,7 +124,8 @@ def fit(plan: RunPlan, console: Console) -> dict:
             ),
         )
         try:
-            result = trainer.fit()
+            with StopForwarder(Path(cfg.run.dir), flag, say=console.print):
+                result = trainer.fit()
         except Exception as e:  # Ray Train's TrainingFailedError wraps what the workers raised
             user_error = user_error_of(e)
             if user_error is None:

@@ -10,10 +10,8 @@ the resulting RunPlan (sheepop.train.run_plan).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -165,8 +163,7 @@ def run(cfg: Config) -> dict:
         else:
             from sheepop.driver.ray_runner import fit
 
-            with stop_file_on_ctrl_c(run_dir):
-                result = fit(plan, console)
+            result = fit(plan, console)  # forwards SIGINT/SIGTERM to the ranks as a stop request
     finally:
         if view:
             view.__exit__(None, None, None)
@@ -211,26 +208,6 @@ def mirror_run_files(cfg: Config, run_dir: Path, names: tuple[str, ...]) -> None
 
     if cfg.cluster.storage_path:
         storage.upload(run_dir, run_storage(cfg), [n for n in names if (run_dir / n).is_file()])
-
-
-@contextlib.contextmanager
-def stop_file_on_ctrl_c(run_dir: Path):
-    """In the driver of a Ray run, the first Ctrl-C writes run.dir/STOP: every worker sees it at
-    its next step, saves a checkpoint and returns. A second Ctrl-C aborts."""
-    pressed = []
-
-    def handler(*_):
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(1)
-        (run_dir / "STOP").touch()
-        console.print("[yellow]stopping: workers save a checkpoint at the end of this step (Ctrl-C again to abort)")
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
 
 
 def write_sample(cfg: Config, run_dir: Path) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import socket
 import time
 from contextlib import nullcontext
@@ -28,33 +27,7 @@ from sheepop.train import checkpoint, engine as eng
 from sheepop.train.guard import DivergenceGuard
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
-
-STOP_FILE = "STOP"  # touch <run.dir>/STOP to make every rank save and exit (what Ctrl-C does)
-
-
-class StopRequest:
-    """First Ctrl-C (or a STOP file) asks for a clean stop at the next step; a second one aborts."""
-
-    def __init__(self, run_dir: Path):
-        self.file = run_dir / STOP_FILE
-        self.signalled = False
-        try:
-            self._old = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread (Ray worker threads): rely on the STOP file
-            self._old = None
-
-    def _handler(self, *_):
-        if self.signalled:
-            raise KeyboardInterrupt
-        self.signalled = True
-
-    def requested(self) -> bool:
-        return self.signalled or self.file.exists()
-
-    def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-
+from sheepop.train.stop import StopRequest
 
 def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
@@ -92,7 +65,7 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     val_data = TokenWindows(data_dir, manifest, "val", seq)
     sink = MetricsSink(cfg, rank, state.get("wandb_id"), attempt=state["attempt"])
     state["wandb_id"] = sink.wandb_id
-    stop = StopRequest(run_dir)
+    stop = StopRequest(run_dir, plan.stop_channel, rank)
     fpt = flops_per_token(args, seq)
     guard = DivergenceGuard(args.vocab_size)
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
@@ -142,8 +115,10 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
-        # One all-reduce carries the loss and everyone's stop flag.
-        buf = torch.stack([loss_sum / accum, torch.tensor(float(stop.requested()), device=device)])
+        # One all-reduce carries the loss and every rank's stop and save requests.
+        stop_why, save_why = stop.poll()
+        buf = torch.stack([loss_sum / accum, torch.tensor(float(stop_why is not None), device=device),
+                           torch.tensor(float(save_why is not None), device=device)])
         dist.all_reduce(buf)
         state["step"] = step = step + 1
         state["tokens"] += batch.tokens_per_step
@@ -157,7 +132,7 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
         if diverged:
             sink.event("diverged", step=step, reason=diverged)
             sink.close()
-            stop.restore()
+            stop.close()
             eng.shutdown()
             raise UserError(f"training diverged at step {step}: {diverged}; no checkpoint was taken since it "
                             f"began, so trainer.resume=auto restarts from the last good one; lower trainer.lr={t_cfg.lr}")
@@ -167,14 +142,16 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
         if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
             sink.log(last)
-        stopped = buf[1].item() > 0
-        if stopped or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
+        stopped, save_now = buf[1].item() > 0, buf[2].item() > 0
+        if save_now:
+            sink.event("save_requested", step=step, reason=save_why or "another rank was asked to save")
+        if stopped or save_now or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
             if guard.suspect:  # never let a diverging model displace a good checkpoint
                 sink.event("checkpoint_skipped", step=step, reason="the loss looks like divergence")
             else:
                 save(final=step == t_cfg.max_steps)
         if stopped:
-            sink.event("stop", step=step, reason="stop requested (Ctrl-C or STOP file)")
+            sink.event("stop", step=step, reason=stop_why or "another rank was asked to stop")
             break
 
     probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
@@ -184,7 +161,7 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
         uploads.wait()  # the last checkpoint is in storage before the run says it ended
     sink.event("end", step=state["step"], stopped=stopped)
     sink.close()
-    stop.restore()
+    stop.close()
     eng.shutdown()
     return {**last, "stopped": stopped, "probe_loss": probe}
 

@@ -22,6 +22,7 @@ class RunPlan:
     resume: str | None  # checkpoint to start from (a local folder or a storage URI); None = step 0
     universal: str | None  # its universal-format copy, when the world size or ZeRO stage changed
     manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
+    stop_channel: str | None = None  # name of the run's StopFlag actor (Ray runs; sheepop.train.stop)
 
     def verify_world(self, world_size: int) -> None:
         """A rank's check that it runs in the world the plan was made for."""

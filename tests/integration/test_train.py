@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
+from sheepop.train.stop import STOPPED_EXIT_CODE
 from tests.helpers import ROOT, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
@@ -88,7 +89,7 @@ def test_ctrl_c_saves_and_resume_reproduces_uninterrupted_run(tmp_path):
 
     run = tmp_path / "interrupted"
     r = _interrupt_at(run, tiny_overrides(run, *common), step=8)
-    assert r.returncode == 130, r.stderr[-3000:]
+    assert r.returncode == STOPPED_EXIT_CODE, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     stop = [e for e in read_metrics(run) if e.get("event") == "stop"]
     assert len(stop) == 1 and 8 <= stop[0]["step"] < 60
