@@ -148,6 +148,15 @@ def ray_job_env_vars() -> dict[str, str]:
 RAY_JOB_ENV = {"RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 
 
+def ray_draining_nodes() -> dict[str, int]:
+    """{node id (hex): drain deadline (ms since the epoch; 0 = none)} of the nodes being drained
+    (`ray drain-node`, what an autoscaler does on a spot notice). Ray 2.60 has no public API for
+    it: this is the private call Ray Train's own preemption watcher uses. Needs ray.init."""
+    from ray._private.state import state
+
+    return dict(state.get_draining_nodes())
+
+
 def ray_upload_files(working_dir, excludes: list[str], add, include_gitignore: bool, logger) -> None:
     """Walk the files Ray would upload as a job's working_dir, with Ray's own rules (its excludes
     and .gitignore/.rayignore handling), calling add(path) for each. Private in Ray 2.60."""

@@ -86,6 +86,7 @@ class TokenizerConfig:
 # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32
 # weights under torch.autocast; auto: bf16 where the hardware has it, else fp32.
 PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
+SPIKE_ACTIONS = ("rollback", "stop", "warn")
 
 
 @dataclass
@@ -111,6 +112,15 @@ class TrainerConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept
     log_every: int = 1  # steps between metrics lines
     resume: str = "auto"  # auto (latest in run.dir) | never | path to a checkpoint
+    on_spike: str = "rollback"  # a loss spike (sheepop.train.spike): rollback (to the last checkpoint, its data skipped) | stop | warn
+    spike_z: float = 6.0  # robust z-score of the loss over the recent window that counts as a spike
+    spike_window: int = 50  # recent good steps the spike statistics use
+    spike_min_history: int = 10  # good steps before any spike can be called (early training moves fast)
+    max_rollbacks: int = 3  # rollbacks in one run before a spike stops it
+    rollback_skip: int = 1  # data windows a rollback skips: the spike's step and the ones just before it
+    skip_steps: list[int] = field(default_factory=list)  # steps whose data is never trained on (rollbacks add to it)
+    hang_timeout_s: float = 0.0  # a step (or eval) longer than this is a hang; 0 = 10 × the median of the first steps, >= 60 s
+    hang_init_timeout_s: float = 900.0  # ... for start-up (engine, checkpoint load, first eval) and each save
     sample_prompt: str = "def "  # prompt of the sample printed at the end
     sample_tokens: int = 80  # tokens generated for that sample
     progress: bool = True  # rich progress bar on rank 0
@@ -135,6 +145,7 @@ class ClusterConfig:
     kind: str = "local"  # process (no Ray, 1 rank) | local (start Ray here) | ray (connect)
     address: str = ""  # Ray address for kind=ray; empty = $RAY_ADDRESS
     num_workers: int = 1  # training processes (ranks)
+    min_workers: int = 0  # elastic: after a lost node, go on with as few as this (kind=ray/local); 0 = num_workers
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: int = 0  # CPU threads per worker; 0 = kind=local: this machine's cores / num_workers, else 1
     gpus_per_worker: int = 1
@@ -159,8 +170,17 @@ class LoggerConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection for tests and drills, off by default; each fires in a run's first attempt only."""
+    hang_rank: int = -1  # this rank sleeps for ever at debug.hang_at_step (the hang watchdog's test)
+    hang_at_step: int = 0  # the step it hangs in (0 = never)
+    spike_at_step: int = 0  # this step's batch gets random targets: a loss spike (0 = never)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
     tokenizer: TokenizerConfig = MISSING
@@ -241,8 +261,9 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     if m:
         key = m.group(1)
         path = key.split(".")
-        schema = dict(zip(("run",) + GROUPS, (RunConfig, ModelConfig, DataConfig, TokenizerConfig,
-                                               TrainerConfig, ParallelismConfig, ClusterConfig, LoggerConfig)))
+        schema = dict(zip(("run",) + GROUPS + ("debug",), (RunConfig, ModelConfig, DataConfig, TokenizerConfig,
+                                                           TrainerConfig, ParallelismConfig, ClusterConfig,
+                                                           LoggerConfig, DebugConfig)))
         if path[0] in schema and len(path) >= 2:
             node = schema[path[0]]
             for part in path[1:-1]:  # nested sections, e.g. data.clean.min_chars
@@ -287,6 +308,21 @@ def validate(cfg: DictConfig) -> None:
         need(t[key] >= 1, f"trainer.{key}={t[key]} must be >= 1")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0,
          f"trainer.beta1={t.beta1}, trainer.beta2={t.beta2}, trainer.eps={t.eps}: need betas in [0, 1) and eps > 0")
+    need(t.on_spike in SPIKE_ACTIONS, f"trainer.on_spike={t.on_spike}; valid: {', '.join(SPIKE_ACTIONS)}")
+    need(t.spike_z > 0 and t.spike_window >= 3 and 3 <= t.spike_min_history <= t.spike_window,
+         f"trainer.spike_z={t.spike_z}, trainer.spike_window={t.spike_window}, trainer.spike_min_history="
+         f"{t.spike_min_history}: need spike_z > 0 and 3 <= spike_min_history <= spike_window")
+    need(t.max_rollbacks >= 0 and t.rollback_skip >= 1,
+         f"trainer.max_rollbacks={t.max_rollbacks}, trainer.rollback_skip={t.rollback_skip}: need >= 0 and >= 1")
+    need(all(isinstance(s, int) and s >= 1 for s in t.skip_steps),
+         f"trainer.skip_steps={list(t.skip_steps)}: steps are integers >= 1")
+    need(t.hang_timeout_s >= 0 and t.hang_init_timeout_s > 0,
+         f"trainer.hang_timeout_s={t.hang_timeout_s}, trainer.hang_init_timeout_s={t.hang_init_timeout_s}: "
+         "need >= 0 (0 = calibrated) and > 0")
+    need(c.min_workers == 0 or 1 <= c.min_workers <= c.num_workers,
+         f"cluster.min_workers={c.min_workers}; valid: 1..cluster.num_workers={c.num_workers}, or 0 (= num_workers)")
+    need(c.min_workers in (0, c.num_workers) or c.kind != "process",
+         f"cluster.min_workers={c.min_workers} needs Ray (cluster=local or cluster=ray); cluster=process is one rank")
     need(p.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage={p.zero_stage}; valid: 0, 1, 2, 3")
     # Raw DeepSpeed keys may not fight what sheepop derives: the loader feeds the batch plan, the
     # loop follows trainer.precision, and the stage decides how checkpoints are converted.
@@ -382,6 +418,12 @@ def _fsspec_knows(scheme: str) -> bool:
         return scheme in fsspec.available_protocols()
     except ImportError:
         return False
+
+
+def world_sizes(cfg: "Config") -> list[int]:
+    """The worker counts a run may train on: num_workers, down to cluster.min_workers when elastic."""
+    c = cfg.cluster
+    return list(range(c.min_workers or c.num_workers, c.num_workers + 1))
 
 
 def batch_plan(cfg: "Config", world_size: int) -> BatchPlan:

@@ -16,6 +16,17 @@ import torch
 VAL_STREAM = 2**31 - 1  # a step number training never reaches: the validation windows' seed
 
 
+def data_step(step: int, skipped: list[int] | set[int]) -> int:
+    """The data window (0-based) the optimizer step with 0-based index `step` trains on, when the
+    windows of `skipped` steps (1-based, as metrics.jsonl counts them) are never used: a run that
+    skips step 30's data takes step 31's window at step 30, and so on. Without skips: `step`."""
+    window = step
+    for s in sorted(skipped):
+        if s - 1 <= window:
+            window += 1
+    return window
+
+
 class TokenWindows:
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, seq_len: int):
         self.seq_len = seq_len

@@ -33,6 +33,10 @@ def _use_gpu(cfg: Config) -> bool:
     return v == "true"
 
 
+def elastic(cfg: Config) -> bool:
+    return 0 < cfg.cluster.min_workers < cfg.cluster.num_workers
+
+
 def cpus_per_worker(cfg: Config) -> int:
     c = cfg.cluster
     return c.cpus_per_worker or (max(1, (os.cpu_count() or 1) // c.num_workers) if c.kind == "local" else 1)
@@ -48,7 +52,7 @@ def check_resources(cfg: Config, per_worker: dict[str, float], console: Console)
     c = cfg.cluster
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     placeable = sum(int(min((res.get(k, 0) // v for k, v in per_worker.items() if v), default=0)) for res in nodes)
-    if placeable >= c.num_workers:
+    if placeable >= (c.min_workers or c.num_workers):
         return
     need = ", ".join(f"{v:g} {k}" for k, v in per_worker.items())
     have = ", ".join(f"{sum(res.get(k, 0) for res in nodes):g} {k}" for k in per_worker)
@@ -111,7 +115,10 @@ def fit(plan: RunPlan, console: Console) -> dict:
             _worker,
             # Secrets travel through the object store, never through runtime_env (logged by Ray).
             train_loop_config={"plan": plan, "secrets": ray.put(secret_env())},
-            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=gpu, resources_per_worker=resources),
+            # Elastic (cluster.min_workers): Ray Train restarts the group on as many workers as it can
+            # place, at least min_workers; the plan holds a batch plan for each size.
+            scaling_config=ScalingConfig(num_workers=(c.min_workers, c.num_workers) if elastic(cfg) else c.num_workers,
+                                         use_gpu=gpu, resources_per_worker=resources),
             torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
             # Ray Train's run folder is <run storage>/checkpoints: each rank's upload lands in
             # checkpoints/step_N. Old checkpoints are pruned by sheepop (only complete ones count).

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import yaml
 from rich.console import Console
 
-from sheepop.config import Config, batch_plan, redact
+from sheepop.config import Config, batch_plan, redact, world_sizes
 from sheepop.errors import UserError
 from sheepop.monitor.metrics_file import read_metrics
 from sheepop.net import require_listening
@@ -33,7 +33,15 @@ def preflight(cfg: Config) -> str | None:
     from sheepop.train import checkpoint
 
     c = cfg.cluster
-    batch_plan(cfg, c.num_workers)  # raises on a micro batch that does not divide the global batch
+    for world in world_sizes(cfg):  # raises on a micro batch that does not divide the global batch
+        try:
+            batch_plan(cfg, world)
+        except UserError as e:
+            raise UserError(f"{e}" + (f" (an elastic run may shrink to {world} worker(s): cluster.min_workers="
+                                      f"{c.min_workers})" if world != c.num_workers else "")) from None
+    if c.min_workers and c.min_workers < c.num_workers and not cfg.trainer.global_batch_size:
+        raise UserError(f"cluster.min_workers={c.min_workers} keeps the global batch when workers are lost: pin it "
+                        "with trainer.global_batch_size (and trainer.grad_accum_steps=0)")
     if c.kind == "ray":
         check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
     if c.kind == "local":  # this machine alone decides what a local Ray can place: say so before starting it
@@ -121,7 +129,8 @@ def make_plan(cfg: Config, resume: str | None, manifest: dict):
     universal = None
     if resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage):
         universal = checkpoint.to_universal(resume)
-    return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest)
+    return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest,
+                   elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers})
 
 
 def run(cfg: Config) -> dict:

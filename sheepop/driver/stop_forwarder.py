@@ -6,6 +6,11 @@ StopFlag actor: every rank finishes its step, saves a checkpoint and returns. A 
 or $SHEEPOP_STOP_GRACE_S seconds without the run ending, aborts (KeyboardInterrupt in the
 driver; Ray tears the workers down).
 
+A node that runs ranks and is being drained (`ray drain-node`, a cloud autoscaler's spot notice)
+gets a one-shot save request: every rank checkpoints at its next step, before the deadline, and
+training goes on; when the node goes, Ray Train restarts the group from that checkpoint (on fewer
+workers with cluster.min_workers).
+
 The signal handler only records the signal: Ray calls happen on the forwarder's thread, never
 inside a handler that may interrupt a Ray call on the main thread.
 """
@@ -18,12 +23,15 @@ import threading
 import time
 from pathlib import Path
 
-from sheepop.train.stop import STOP, STOP_FILE
+from sheepop import compat
+from sheepop.train.stop import SAVE, STOP, STOP_FILE
 
 GRACE_ENV = "SHEEPOP_STOP_GRACE_S"  # set by `sheepop submit --stop-grace`
 
 
 class StopForwarder:
+    DRAIN_POLL_S = 2.0  # how often the driver looks for draining nodes (a spot notice gives 30-120 s)
+
     def __init__(self, run_dir: Path, flag, say=print, tick_s: float = 0.5):
         self.run_dir, self.flag, self.say, self.tick_s = Path(run_dir), flag, say, tick_s
         self.reason: str | None = None
@@ -34,6 +42,8 @@ class StopForwarder:
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stop-forwarder", daemon=True)
         self._old: dict = {}
+        self._drains_seen: set[str] = set()
+        self._drain_checked = 0.0
 
     def __enter__(self) -> "StopForwarder":
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -71,7 +81,30 @@ class StopForwarder:
                     self.flag.set.remote(kind, reason)
                 except Exception:  # Ray is shutting down: the STOP file still reaches local ranks
                     pass
+            if time.monotonic() - self._drain_checked > self.DRAIN_POLL_S:
+                self._drain_checked = time.monotonic()
+                self._check_drains()
             if self.grace and self.asked_at is not None and time.monotonic() - self.asked_at > self.grace:
                 self.say(f"[red]the run did not stop within {GRACE_ENV}={self.grace:g} s; aborting[/]")
                 self.asked_at = None
                 _thread.interrupt_main()
+
+    def _check_drains(self) -> None:
+        try:
+            import ray
+
+            draining = compat.ray_draining_nodes()
+            if not draining:
+                return
+            ranks = ray.get(self.flag.nodes.remote(), timeout=10)
+        except Exception:  # the cluster is busy or going away: look again at the next poll
+            return
+        for node, deadline_ms in draining.items():
+            hosted = sorted(r for r, n in ranks.items() if n == node)
+            if node in self._drains_seen or not hosted:
+                continue
+            self._drains_seen.add(node)
+            left = f", deadline in {max(0.0, deadline_ms / 1000 - time.time()):.0f} s" if deadline_ms else ""
+            reason = f"node {node[:12]} (rank(s) {hosted}) is being drained{left}"
+            self.request(SAVE, reason)
+            self.say(f"[yellow]{reason}: every rank saves a checkpoint at its next step[/]")

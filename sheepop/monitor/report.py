@@ -24,7 +24,8 @@ from sheepop.units import duration, human
 
 TOKENIZER_EXAMPLES = ["cat", "caterpillar", " the", "tokenization", "unbelievably",
                       "    for i in range(10):", "    return self._cache[key]"]
-EVENTS = ("start", "resume", "checkpoint", "checkpoint_skipped", "diverged", "stop", "end")
+EVENTS = ("start", "resume", "checkpoint", "checkpoint_skipped", "save_requested", "spike", "rollback", "hang",
+          "diverged", "stop", "end")
 
 
 @dataclass
@@ -308,14 +309,19 @@ def events_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
             detail = f"{r.get('world_size', '?')} rank(s)"
             if r.get("checkpoint"):
                 detail += f", from {Path(r['checkpoint']).name}"
-        elif ev in ("stop", "diverged", "checkpoint_skipped"):
-            detail = r.get("reason", "")
+        elif ev in ("stop", "diverged", "checkpoint_skipped", "save_requested", "spike"):
+            detail = r.get("reason", "") + (f" → {r['action']}" if r.get("action") else "")
+        elif ev == "rollback":
+            detail = f"from step {r.get('from_step')} to {Path(str(r.get('checkpoint'))).name}; skipping steps {r.get('skip_steps')}"
+        elif ev == "hang":
+            detail = (f"rank {r.get('rank')}: {r.get('phase')} ran {r.get('waited_s')} s (timeout {r.get('timeout_s')} s); "
+                      f"slow rank(s) {r.get('slow_ranks')}; stacks in {r.get('dir')}")
         elif ev == "end":
             detail = "stopped early" if r.get("stopped") else "finished"
         else:
             detail = ""
         table_rows.append([ev, num(r.get("step")), str(r.get("attempt", attempt)), when(r.get("time"), t0), detail])
-        classes.append("stop" if ev == "diverged" else ev if ev in ("resume", "stop") else "")
+        classes.append("stop" if ev in ("diverged", "hang", "spike") else ev if ev in ("resume", "stop") else "")
     h, md = table(["event", "step", "attempt", "time", "detail"], table_rows, {1, 2}, row_classes=classes)
     ckpt_root = checkpoint_root(cfg)
     kept = checkpoint.list_checkpoints(ckpt_root)

@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sheepop.data.loader import TokenWindows
+from sheepop.data.loader import TokenWindows, data_step
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, flops_per_token
-from sheepop.train import checkpoint, engine as eng
+from sheepop.train import checkpoint, checkpoint_files, engine as eng
 from sheepop.train.guard import DivergenceGuard
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
+from sheepop.train.spike import SpikeDetector
 from sheepop.train.stop import StopRequest
+from sheepop.train.watchdog import HangWatchdog
 
 def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
@@ -36,8 +38,18 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     restored: the checkpoint Ray Train hands a restarted worker group; it replaces plan.resume.
     """
     rank, world = eng.init_distributed()
-    plan.verify_world(world)
-    cfg, batch = plan.cfg, plan.batch
+    t_cfg = plan.cfg.trainer
+    watchdog = HangWatchdog(rank=rank, run_dir=Path(plan.cfg.run.dir), attempt=0, timeout_s=t_cfg.hang_timeout_s,
+                            init_timeout_s=t_cfg.hang_init_timeout_s, save_timeout_s=t_cfg.hang_init_timeout_s)
+    watchdog.beat("init", 0)
+    try:
+        return _train(plan, rank, world, watchdog, report, restored)
+    finally:
+        watchdog.close()
+
+
+def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report, restored: str | None) -> dict:
+    cfg, batch = plan.cfg, plan.batch_for(world)
     t_cfg = cfg.trainer
     run_dir = Path(cfg.run.dir)
     seed = cfg.run.seed
@@ -55,19 +67,25 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     resume_dir = restored or plan.resume
     universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
     engine = eng.build(model, cfg, batch, load_universal=universal is not None)
-    state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0}
+    state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0, "rollbacks": 0,
+             "skip_steps": sorted(set(t_cfg.skip_steps)), "spike": {}}
     if resume_dir is not None:
-        state.update(checkpoint.load(engine, resume_dir, rank, universal))
+        state.update(_merged(checkpoint.load(engine, resume_dir, rank, universal), state))
         state["attempt"] = state.get("attempt", 0) + 1
+    watchdog.attempt = state["attempt"]
+    good = (resume_dir, universal)  # the checkpoint a rollback returns to (saved by a healthy model)
     uploads = checkpoint.Uploads() if report is None else None  # Ray Train uploads when it is there
 
     train_data = TokenWindows(data_dir, manifest, "train", seq)
     val_data = TokenWindows(data_dir, manifest, "val", seq)
     sink = MetricsSink(cfg, rank, state.get("wandb_id"), attempt=state["attempt"])
+    watchdog.on_hang = lambda info: sink.event("hang", **info)  # rank 0's names the slow rank(s)
     state["wandb_id"] = sink.wandb_id
     stop = StopRequest(run_dir, plan.stop_channel, rank)
     fpt = flops_per_token(args, seq)
     guard = DivergenceGuard(args.vocab_size)
+    spikes = SpikeDetector(window=t_cfg.spike_window, min_history=t_cfg.spike_min_history, z_threshold=t_cfg.spike_z)
+    spikes.load_state_dict(state["spike"])
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
     def evaluate() -> float:
@@ -83,16 +101,25 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
         engine.train()
         return (total[0] / total[1]).item()
 
-    def save(final: bool = False) -> None:
-        checkpoint.save(engine, cfg, {**state, "world_size": world, "zero_stage": cfg.parallelism.zero_stage,
-                                      "final": final},
-                        data_dir / "tokenizer.json", rank=rank, report=report, uploads=uploads)
+    def save(final: bool = False) -> str:
+        watchdog.beat("save", state["step"])
+        ckpt = checkpoint.save(engine, cfg, {**state, "spike": spikes.state_dict(), "world_size": world,
+                                             "zero_stage": cfg.parallelism.zero_stage, "final": final},
+                               data_dir / "tokenizer.json", rank=rank, report=report, uploads=uploads)
         sink.event("checkpoint", step=state["step"])
+        return ckpt
+
+    def abort(event: str, reason: str, message: str) -> None:
+        sink.event(event, step=state["step"], reason=reason)
+        sink.close()
+        stop.close()
+        eng.shutdown()
+        raise UserError(message)
 
     start_step = state["step"]
     # Which process is which rank (for `kill`, debuggers and the fault-tolerance test).
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=start_step, world_size=world,
-                 attempt=state["attempt"])
+                 attempt=state["attempt"], node=stop.node_id)
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
                tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,
@@ -103,19 +130,28 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     engine.train()
     last: dict = {}
     stopped = False
+    debug = cfg.debug if state["attempt"] == 0 else None  # fault injection: a run's first attempt only
     while state["step"] < t_cfg.max_steps:
         step = state["step"]
+        watchdog.beat("step", step)
+        if debug and debug.hang_at_step == step + 1 and debug.hang_rank == rank:
+            time.sleep(10**7)  # debug.hang_*: this rank stops here; the others wait in the next collective
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at its end)
         loss_sum = torch.zeros((), device=device)
+        window = data_step(step, state["skip_steps"])
         for m in range(accum):
-            x, y = train_data.micro_batch(seed, step, rank=rank, world=world, micro=micro, accum=accum, index=m)
+            x, y = train_data.micro_batch(seed, window, rank=rank, world=world, micro=micro, accum=accum, index=m)
+            if debug and debug.spike_at_step == window + 1:  # debug.spike_at_step: this window's targets are noise
+                y = torch.randint(0, args.vocab_size, y.shape, generator=torch.Generator().manual_seed(seed + m))
             with autocast():
                 loss = engine(x.to(device), y.to(device))
+            watchdog.beat("backward", step)  # where ranks wait for each other's gradients
             engine.backward(loss)
             engine.step()
             loss_sum += loss.detach().float()
         # One all-reduce carries the loss and every rank's stop and save requests.
+        watchdog.beat("sync", step)
         stop_why, save_why = stop.poll()
         buf = torch.stack([loss_sum / accum, torch.tensor(float(stop_why is not None), device=device),
                            torch.tensor(float(save_why is not None), device=device)])
@@ -128,15 +164,35 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
                 "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
+        spike = spikes.check(last["loss"], last["grad_norm"])
+        if spike and t_cfg.on_spike != "warn":
+            sink.log(last)
+            if t_cfg.on_spike == "stop":
+                abort("spike", spike, f"loss spike at step {step}: {spike}; stopped (trainer.on_spike=stop); "
+                                      f"trainer.resume=auto restarts from the last checkpoint, "
+                                      f"trainer.skip_steps=[{step}] skips its data")
+            if state["rollbacks"] >= t_cfg.max_rollbacks or good[0] is None:  # skipping data does not help: diverged
+                why = (f"after {state['rollbacks']} rollback(s) (trainer.max_rollbacks)" if good[0] is not None
+                       else "with no checkpoint to roll back to")
+                abort("diverged", spike, f"training diverged at step {step}: {spike} {why}; lower trainer.lr={t_cfg.lr}")
+            skip = list(range(max(1, step - t_cfg.rollback_skip + 1), step + 1))
+            sink.event("spike", step=step, reason=spike, action="rollback", skip_steps=skip)
+            back = _rollback(engine, good, rank, uploads)
+            state.update(_merged(back, state), attempt=state["attempt"], rollbacks=state["rollbacks"] + 1,
+                         skip_steps=sorted(set(state["skip_steps"]) | set(skip) | set(back.get("skip_steps", []))))
+            guard = DivergenceGuard(args.vocab_size)
+            sink.event("rollback", step=state["step"], from_step=step, checkpoint=str(good[0]),
+                       skip_steps=state["skip_steps"], rollbacks=state["rollbacks"])
+            continue
+        if spike:
+            sink.event("spike", step=step, reason=spike, action="warn")
         diverged = guard.check(last["loss"], last["grad_norm"])
         if diverged:
-            sink.event("diverged", step=step, reason=diverged)
-            sink.close()
-            stop.close()
-            eng.shutdown()
-            raise UserError(f"training diverged at step {step}: {diverged}; no checkpoint was taken since it "
-                            f"began, so trainer.resume=auto restarts from the last good one; lower trainer.lr={t_cfg.lr}")
+            abort("diverged", diverged, f"training diverged at step {step}: {diverged}; no checkpoint was taken "
+                                        f"since it began, so trainer.resume=auto restarts from the last good one; "
+                                        f"lower trainer.lr={t_cfg.lr}")
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
+            watchdog.beat("eval", step)
             last["val_loss"] = evaluate()
             last["val_ppl"] = math.exp(min(last["val_loss"], 50))
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
@@ -149,11 +205,12 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
             if guard.suspect:  # never let a diverging model displace a good checkpoint
                 sink.event("checkpoint_skipped", step=step, reason="the loss looks like divergence")
             else:
-                save(final=step == t_cfg.max_steps)
+                good = (save(final=step == t_cfg.max_steps), None)
         if stopped:
             sink.event("stop", step=step, reason=stop_why or "another rank was asked to stop")
             break
 
+    watchdog.close()  # what follows waits on uploads, which have no step-sized timeout
     probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=state["step"], world_size=world,
                  attempt=state["attempt"], probe_loss=probe)
@@ -164,6 +221,27 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     stop.close()
     eng.shutdown()
     return {**last, "stopped": stopped, "probe_loss": probe}
+
+
+def _merged(meta: dict, state: dict) -> dict:
+    """A checkpoint's meta.json as loop state: the skipped steps of both (a run resumed with more
+    trainer.skip_steps keeps the checkpoint's too)."""
+    return {**meta, "skip_steps": sorted(set(meta.get("skip_steps", [])) | set(state["skip_steps"]))}
+
+
+def _rollback(engine, good: tuple, rank: int, uploads) -> dict:
+    """Every rank loads the last good checkpoint (saved by this group, or the one it started
+    from) into the running engine; returns its meta.json. A checkpoint still uploading is waited for."""
+    ckpt, universal = good
+    if uploads is not None:
+        uploads.wait()
+    deadline = time.monotonic() + 600
+    while checkpoint_files.problem(ckpt) is not None:  # Ray Train's async upload of it is still going
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rollback: checkpoint {ckpt} did not complete: {checkpoint_files.problem(ckpt)}")
+        time.sleep(0.5)
+    dist.barrier()
+    return checkpoint.load(engine, ckpt, rank, universal)
 
 
 def _restored_universal(ckpt: str, rank: int, world: int, cfg) -> str | None:

@@ -9,7 +9,7 @@ failure: it hands each rank the latest checkpoint it recorded, which then takes 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sheepop.config import BatchPlan, Config
 from sheepop.errors import UserError
@@ -23,9 +23,17 @@ class RunPlan:
     universal: str | None  # its universal-format copy, when the world size or ZeRO stage changed
     manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
     stop_channel: str | None = None  # name of the run's StopFlag actor (Ray runs; sheepop.train.stop)
+    # Batch plans for the smaller worlds an elastic run (cluster.min_workers) may restart in: the
+    # same global batch, more accumulation.
+    elastic: dict[int, BatchPlan] = field(default_factory=dict)
 
-    def verify_world(self, world_size: int) -> None:
-        """A rank's check that it runs in the world the plan was made for."""
-        if world_size != self.batch.world_size:
-            raise UserError(f"this rank runs in a world of {world_size}, the run plan was made for "
-                            f"{self.batch.world_size} (cluster.num_workers); the driver must plan again")
+    def batch_for(self, world_size: int) -> BatchPlan:
+        """A rank's check that it runs in a world the plan was made for; that world's batch plan."""
+        if world_size == self.batch.world_size:
+            return self.batch
+        if world_size in self.elastic:
+            return self.elastic[world_size]
+        sizes = sorted({self.batch.world_size, *self.elastic})
+        raise UserError(f"this rank runs in a world of {world_size}, the run plan was made for "
+                        f"{' or '.join(map(str, sizes))} (cluster.num_workers, cluster.min_workers); "
+                        "the driver must plan again")

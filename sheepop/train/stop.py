@@ -31,6 +31,13 @@ class StopFlag:
         self.stop_reason: str | None = None
         self.saves = 0
         self.save_reason = ""
+        self.rank_nodes: dict[int, str] = {}  # rank → Ray node id (where a drain matters)
+
+    def register(self, rank: int, node_id: str) -> None:
+        self.rank_nodes[rank] = node_id
+
+    def nodes(self) -> dict[int, str]:
+        return dict(self.rank_nodes)
 
     def set(self, kind: str, reason: str) -> None:
         if kind == STOP:
@@ -64,7 +71,10 @@ class StopRequest:
         self._saves_seen = 0
         self._done = threading.Event()
         self._thread = None
+        self.node_id = _register(channel, rank) if channel else None  # the Ray node this rank runs on
         if channel and rank == 0:
+            # Requests made before this rank started (a restarted group) are not this group's to act on.
+            _, self._saves_seen, _ = self._remote = _ask(channel)
             self._thread = threading.Thread(target=self._poll_actor, args=(channel,), name="stop-flag", daemon=True)
             self._thread.start()
 
@@ -105,3 +115,24 @@ class StopRequest:
         self._done.set()
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+def _register(channel: str, rank: int) -> str | None:
+    """Tell the driver which node this rank runs on (a drain of that node asks for a checkpoint); that node."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    try:
+        ray.get_actor(channel).register.remote(rank, node)
+    except Exception:  # no driver to tell: drains then go unnoticed, nothing else changes
+        pass
+    return node
+
+
+def _ask(channel: str) -> tuple[str | None, int, str]:
+    import ray
+
+    try:
+        return ray.get(ray.get_actor(channel).get.remote(), timeout=10)
+    except Exception:
+        return None, 0, ""

@@ -9,6 +9,7 @@ normal case takes on a loaded 2-core machine. How fast things are is bench/'s bu
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -223,6 +224,21 @@ class RayNode:
 
         wait_for(joined, RayHead.START_TIMEOUT, "the second Ray node to join", poll=1.0)
         return node
+
+    def node_id(self) -> str:
+        """This node's Ray id: the cluster's one live node that is not the head (a two-node cluster)."""
+        out = subprocess.run([str(Path(sys.executable).parent / "ray"), "list", "nodes", "--address", self.head.address,
+                              "--format", "json", "--filter", "state=ALIVE"], capture_output=True, text=True,
+                             env=_node_env(self.head.temp_dir, None), check=True).stdout
+        (node,) = [n["node_id"] for n in json.loads(out) if not n.get("is_head_node")]
+        return node
+
+    def drain(self, deadline_s: int, message: str = "spot instance reclaimed") -> None:
+        """What a cloud autoscaler does on a spot notice: `ray drain-node --reason PREEMPTION`."""
+        subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address", self.head.gcs_address,
+                        "--node-id", self.node_id(), "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message", message, "--deadline-remaining-seconds", str(deadline_s)],
+                       env=_node_env(self.head.temp_dir, None), check=True, capture_output=True, text=True)
 
     def stop(self) -> None:
         _end(self.proc)

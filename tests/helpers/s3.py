@@ -80,6 +80,13 @@ class S3Server:
                 return out
             token = page["NextContinuationToken"]
 
+    def read(self, bucket: str, key: str) -> str:
+        """An object's text; "" when there is none (yet)."""
+        try:
+            return self.client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except self.client().exceptions.NoSuchKey:
+            return ""
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()

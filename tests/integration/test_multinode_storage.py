@@ -6,22 +6,25 @@ CPU), one training worker on each, checkpoints and prepared data in a real S3 se
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
-from tests.helpers import RayHead, sheepop
+from tests.helpers import ROOT, RayHead, sheepop, wait_for
 
 STEPS = 8
 BUCKET = "multinode"
 
 
-def args(run_dir: Path, name: str, *extra: str) -> list[str]:
+def args(run_dir: Path, name: str, *extra: str, steps: int = STEPS, save_every: int = 4) -> list[str]:
     return ["model=tiny", "trainer=quick", "logger=none", "parallelism=zero2", "trainer.precision=fp32",
             "trainer.progress=false", "trainer.micro_batch_size=4", "trainer.global_batch_size=8",
-            "trainer.eval_every=0", f"trainer.max_steps={STEPS}", "trainer.save_every=4",
+            "trainer.eval_every=0", f"trainer.max_steps={steps}", f"trainer.save_every={save_every}",
             "data.max_bytes=3000000", f"data.out_dir=s3://{BUCKET}/data/stdlib-3mb",
             f"cluster.storage_path=s3://{BUCKET}/runs", f"run.name={name}", f"run.dir={run_dir}", *extra]
 
@@ -32,7 +35,7 @@ def losses(run: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def two_nodes(s3, tmp_path_factory):
-    """(head, driver env, cache folders): each node and the driver get a cache folder of their own."""
+    """(head, driver env, cache folders, second node): each node and the driver get a cache folder of their own."""
     base = tmp_path_factory.mktemp("nodes")
     s3.bucket(BUCKET)
     caches = {n: base / f"cache-{n}" for n in ("driver", "head", "node1")}
@@ -40,7 +43,7 @@ def two_nodes(s3, tmp_path_factory):
     node = head.add_node(num_cpus=1, env={**s3.env(), "SHEEPOP_CACHE_DIR": str(caches["node1"])})
     driver_env = {**s3.env(), "SHEEPOP_CACHE_DIR": str(caches["driver"])}
     try:
-        yield head, driver_env, caches
+        yield head, driver_env, caches, node
     finally:
         node.stop()
         head.stop()
@@ -48,7 +51,7 @@ def two_nodes(s3, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_run(two_nodes, s3, tmp_path_factory):
-    head, env, caches = two_nodes
+    head, env, caches, _ = two_nodes
     run = tmp_path_factory.mktemp("full") / "run"
     r = sheepop("train", *args(run, "full", "cluster=ray", f"cluster.address={head.gcs_address}",
                                "cluster.num_workers=2"), env=env)
@@ -70,7 +73,7 @@ def test_each_rank_uploads_its_shard_and_a_manifest(full_run, two_nodes, s3):
     for f in ("config.yaml", "metrics.jsonl", "tokenizer.json", "loss.png"):  # the run's own files, mirrored
         assert f"runs/full/{f}" in keys
     # Both nodes trained: each filled its own data cache from the bucket (no node prepared data).
-    _, _, caches = two_nodes
+    _, _, caches, _ = two_nodes
     for n in ("head", "node1"):
         shards_here = list((caches[n] / "storage" / "s3" / BUCKET / "data" / "stdlib-3mb").glob("train_*.bin"))
         assert shards_here, f"node {n} read no data from the bucket"
@@ -79,7 +82,7 @@ def test_each_rank_uploads_its_shard_and_a_manifest(full_run, two_nodes, s3):
 
 def test_resume_from_storage_alone_continues_exactly(full_run, two_nodes, tmp_path):
     """Every local copy deleted; the resume reads checkpoint and data from the bucket only."""
-    head, env, caches = two_nodes
+    head, env, caches, _ = two_nodes
     for c in caches.values():
         shutil.rmtree(c, ignore_errors=True)
     run = tmp_path / "resumed"
@@ -94,18 +97,49 @@ def test_resume_from_storage_alone_continues_exactly(full_run, two_nodes, tmp_pa
     assert max(abs(full[s] - resumed[s]) for s in resumed) < 1e-4
 
 
-def test_two_to_one_resume_from_storage(full_run, two_nodes, s3, tmp_path):
-    """2 ranks → 1: the driver converts the checkpoint in the bucket to the universal form (beside
-    it, in the bucket), the one rank downloads that; the global batch stays 8 (accumulation 2)."""
-    head, env, _ = two_nodes
-    run = tmp_path / "one"
-    r = sheepop("train", *args(run, "one", "cluster=ray", f"cluster.address={head.gcs_address}",
-                               "cluster.num_workers=1",
-                               f"trainer.resume=s3://{BUCKET}/runs/full/checkpoints/step_000004"), env=env)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    start = next(e for e in read_metrics(run) if e.get("event") == "resume")
-    assert start["world_size"] == 1 and start["grad_accum"] == 2 and start["universal"] is True
-    assert any(k.startswith("runs/full/universal/step_000004/ds/zero/") for k in s3.keys(BUCKET, "runs/full/"))
-    full, one = losses(full_run), losses(run)
-    assert sorted(one) == list(range(5, STEPS + 1))
-    assert max(abs(full[s] - one[s]) for s in one) < 1e-4
+def test_drained_node_checkpoints_and_the_run_finishes_on_the_other(two_nodes, s3, tmp_path):
+    """A spot notice for the second node (`ray drain-node --reason PREEMPTION` with a deadline): every
+    rank saves a checkpoint at once and training goes on; the node then dies (its `ray start` ended by
+    PID) and, with cluster.min_workers=1, Ray Train restarts the group on the one node left. The
+    driver's plan has the 1-worker batch (global batch 8, accumulation 2); rank 0 converts the 2-rank
+    checkpoint in the bucket to the universal form; the re-run steps equal the 2-worker ones.
+    Last in this module: it ends the second node."""
+    head, env, _, node = two_nodes
+    run = tmp_path / "drained"
+    cmd = [sys.executable, "-m", "sheepop.cli", "train",
+           *args(run, "drained", "cluster=ray", f"cluster.address={head.gcs_address}", "cluster.num_workers=2",
+                 "cluster.min_workers=1", "cluster.max_failures=1", steps=120, save_every=0)]
+    p = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        wait_for(lambda: any(r.get("step", 0) >= 3 and "loss" in r for r in read_metrics(run)) or p.poll() is not None,
+                 600, "step 3")  # a hang guard
+        node.drain(deadline_s=120)
+        (saved,) = wait_for(lambda: [e for e in read_metrics(run) if e.get("event") == "save_requested"]
+                            or p.poll() is not None, 120, "the drain's save request")
+        prefix = f"runs/drained/checkpoints/step_{saved['step']:06d}/"
+        wait_for(lambda: {prefix + "done/rank_0.json", prefix + "done/rank_1.json"} <= set(s3.keys(BUCKET, prefix)),
+                 120, "the drain's checkpoint in the bucket")
+        # ... and registered by Ray Train (its snapshot names it): what a restart resumes from. A real
+        # spot deadline (30-120 s) leaves time for both; the test does not kill the node before.
+        snapshot = "runs/drained/checkpoints/checkpoint_manager_snapshot.json"
+        wait_for(lambda: f'"latest_checkpoint_result":{{"version":0,"checkpoint_dir_name":"step_{saved["step"]:06d}"'
+                 in s3.read(BUCKET, snapshot), 120, "Ray Train to register the drain's checkpoint")
+        node.stop()  # the spot instance goes away (well before its deadline)
+        out, err = p.communicate(timeout=900)
+    finally:
+        p.kill()
+    assert p.returncode == 0, out[-2000:] + err[-3000:]
+    assert "is being drained" in saved["reason"] and "being drained" in out
+    rows = read_metrics(run)
+    resume = [e for e in rows if e.get("event") == "resume"][-1]
+    assert resume["world_size"] == 1 and resume["global_batch"] == 8 and resume["grad_accum"] == 2
+    assert resume["step"] == saved["step"] and resume["universal"] is True
+    assert any(k.startswith(f"runs/drained/universal/step_{saved['step']:06d}/") for k in s3.keys(BUCKET, "runs/drained/"))
+    steps, _ = latest_per_step(rows, "loss")
+    assert steps == list(range(1, 121))
+    two = {r["step"]: r["loss"] for r in rows if "loss" in r and r.get("attempt") == 0}
+    one = losses(run)
+    again = [s for s in two if s > saved["step"]]
+    assert again, "the 2-worker group took no step after the drain's checkpoint"
+    assert max(abs(two[s] - one[s]) for s in again) < 1e-4

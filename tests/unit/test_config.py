@@ -44,6 +44,11 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.beta2=1.5", "trainer.beta2=1.5, trainer.eps="),
     ("cluster.cpus_per_worker=-1", "cluster.cpus_per_worker=-1 must be >= 0"),
     ("trainer.resume=/does/not/exist", "no such checkpoint"),
+    ("cluster.min_workers=5", "cluster.min_workers=5; valid: 1..cluster.num_workers=1"),
+    ("trainer.on_spike=skip", "trainer.on_spike=skip; valid: rollback, stop, warn"),
+    ("trainer.skip_steps=[0,3]", "skip_steps=.0, 3.: steps are integers >= 1"),
+    ("trainer.hang_timeout_s=-1", "trainer.hang_timeout_s=-1.0"),
+    ("debug.hang_rnk=1", "valid keys in debug: hang_at_step, hang_rank, spike_at_step"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
@@ -97,6 +102,24 @@ def test_global_batch_stays_fixed_across_world_sizes():
     assert p1.tokens_per_step == p2.tokens_per_step == p4.tokens_per_step == 16 * 128
     with pytest.raises(UserError, match="not a multiple"):
         compose(["model=tiny", "trainer.micro_batch_size=3", "trainer.global_batch_size=16"])
+
+
+def test_an_elastic_plan_has_a_batch_plan_for_every_world_it_may_shrink_to(tmp_path):
+    from sheepop.driver.runner import preflight
+    from tests.helpers import plan_without_data
+
+    cfg = compose(["model=tiny", "cluster.num_workers=4", "cluster.min_workers=2", "trainer.micro_batch_size=2",
+                   "trainer.global_batch_size=24", f"run.dir={tmp_path / 'run'}", "cluster.num_cpus=8"])
+    plan, _ = plan_without_data(cfg, tmp_path)
+    assert {w: plan.batch_for(w).grad_accum_steps for w in (2, 3, 4)} == {2: 6, 3: 4, 4: 3}
+    assert {plan.batch_for(w).global_batch_size for w in (2, 3, 4)} == {24}
+    with pytest.raises(UserError, match="world of 1, the run plan was made for 2 or 3 or 4"):
+        plan.batch_for(1)
+    # 16 sequences cannot be split over 3 workers of micro 2: the driver says so before anything starts.
+    bad = compose(["model=tiny", "cluster.num_workers=4", "cluster.min_workers=2", "trainer.micro_batch_size=2",
+                   "trainer.global_batch_size=16", f"run.dir={tmp_path / 'run'}", "cluster.num_cpus=8"])
+    with pytest.raises(UserError, match=r"multiple of 6 \(an elastic run may shrink to 3 worker\(s\): cluster.min_workers=2\)"):
+        preflight(bad)
 
 
 def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():

@@ -14,4 +14,5 @@ def test_plan_is_decided_by_the_driver(tiny_cfg, tmp_path):
     assert plan.batch.global_batch_size == plan.batch.micro_batch_size * plan.batch.grad_accum_steps
     assert plan.resume is None and plan.universal is None
     with pytest.raises(UserError, match="world of 2, the run plan was made for 1"):
-        plan.verify_world(2)
+        plan.batch_for(2)
+    assert plan.batch_for(1) is plan.batch

@@ -1,0 +1,38 @@
+"""A rank that hangs (debug.hang_rank=1 debug.hang_at_step=5) on 2 Ray workers: the watchdog
+writes both ranks' stacks and a `hang` event naming the slow rank, aborts the group, and Ray
+Train's restart resumes from the last checkpoint and finishes. The watchdog's timing rules:
+tests/unit/test_watchdog.py."""
+from __future__ import annotations
+
+import json
+import time
+
+from sheepop.monitor.metrics_file import latest_per_step, read_metrics
+from tests.helpers import sheepop, tiny_overrides
+
+TIMEOUT_S = 10  # trainer.hang_timeout_s here: the run's extra time is about this plus Ray's restart
+
+
+def test_hung_rank_is_reported_and_the_run_restarts_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    t0 = time.monotonic()
+    r = sheepop("train", *tiny_overrides(run, "cluster=local", "cluster.num_workers=2", "cluster.max_failures=1",
+                                         "trainer.max_steps=12", "trainer.save_every=2", "trainer.eval_every=0",
+                                         "trainer.precision=fp32", "trainer.progress=false",
+                                         f"trainer.hang_timeout_s={TIMEOUT_S}", "debug.hang_rank=1",
+                                         "debug.hang_at_step=5"))
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(run)
+    (hang,) = [e for e in rows if e.get("event") == "hang"]
+    assert hang["step"] == 4 and hang["slow_ranks"] == [1] and TIMEOUT_S <= hang["waited_s"] < TIMEOUT_S + 5
+    folder = run / "hangs" / "attempt0-step4"
+    assert "stuck" not in hang and hang["dir"] == str(folder)
+    stacks = {rank: (folder / f"rank{rank}.txt").read_text() for rank in (0, 1)}
+    assert "in train" in stacks[1] and "time.sleep" not in stacks[0]  # rank 1 sat in the loop's injected sleep
+    assert json.loads((folder / "summary_rank1.json").read_text())["slow_ranks"] == [1]
+    (resume,) = [e for e in rows if e.get("event") == "resume"]
+    assert resume["attempt"] == 1 and resume["step"] == 4 and resume["checkpoint"].endswith("step_000004")
+    steps, _ = latest_per_step(rows, "loss")
+    assert steps == list(range(1, 13))
+    assert took < 300, took  # a hang guard: the hang costs TIMEOUT_S and one restart, not Ray's 30-minute timeout
