@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import jsonschema
@@ -324,7 +326,11 @@ case " $* " in
   *" sheepop submit "*)  # like Ray Train, wait for the nodes (stubs that would otherwise be killed unseen);
     # up to 300 s, a hang guard: on a loaded machine the worker steps may take seconds to start
     for _ in $(seq 3000); do (( $(grep -c " ray start " LOG) >= ${STUB_NODES:-1} )) && break; sleep 0.1; done
+    # STUB_FOLLOW_UNTIL_STOP: follow the job until `sheepop stop` is called (up to 300 s, a hang guard)
+    [[ -n "${STUB_FOLLOW_UNTIL_STOP:-}" ]] && for _ in $(seq 3000); do grep -q "^sheepop stop " LOG && break; sleep 0.1; done
     exit "${STUB_SUBMIT_RC:-0}" ;;
+  *" sheepop jobs "*) printf "ID STATUS STARTED\nraysubmit_old SUCCEEDED x\nraysubmit_42 RUNNING x\n" ;;
+  *" sheepop stop "*) exec sheepop "${@: -4}" ;;
 esac
 """)
     (bin_dir / "srun").write_text((bin_dir / "srun").read_text().replace("LOG", str(log)))
@@ -377,6 +383,32 @@ def test_slurm_script_starts_head_then_workers_then_submits(stubs, tmp_path):
     for p in left:
         p.kill()
     assert not left
+
+
+def test_slurm_warning_signal_stops_the_running_job_gracefully(stubs, tmp_path):
+    """--signal=B:TERM@300: SIGTERM to the batch script becomes `sheepop stop` of the running job
+    (whose ranks save); the script then follows the job to its end and exits with its state."""
+    env, log = stubs
+    env.update({"SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_SUBMIT_DIR": str(ROOT), "STUB_NODES": "2",
+                "STUB_FOLLOW_UNTIL_STOP": "1", "STUB_SUBMIT_RC": "3"})
+    p = subprocess.Popen(["bash", str(ROOT / "cluster" / "slurm" / "sheepop.sbatch"), "model=small"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300  # a hang guard
+    while not (log.exists() and any(c[:1] == ["srun"] and "submit" in c for c in _calls(log))) \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 3, out + err  # the followed job ended STOPPED
+    assert "stopping the job gracefully" in out
+    stops = [c for c in _calls(log) if c[:2] == ["sheepop", "stop"]]
+    assert stops == [["sheepop", "stop", "raysubmit_42", "--address", "http://127.0.0.1:8265"]]
+    import psutil
+
+    for q in psutil.process_iter(["cmdline"]):
+        if (q.info["cmdline"] or []) == ["sleep", env["STUB_SLEEP"]]:
+            q.kill()
 
 
 def test_launch_scripts_parse_and_pass_arguments(stubs, tmp_path):
