@@ -60,6 +60,10 @@ REPORT_DEADLINE_S = 30.0
 # Python watchdog fires and reports (timeout + poll_s + at most REPORT_DEADLINE_S), so it only
 # acts when that could not.
 BACKSTOP_GRACE_S = 60.0
+# A rank that fires first tells the others (a marker file in run_dir/hangs/) and waits up to this
+# long for their stacks before it exits: once one rank has exited, Ray Train tears the group down
+# and the other ranks' own watchdogs (as late as poll_s behind) would never write theirs.
+PEERS_GRACE_S = 5.0
 
 
 class _Beat(NamedTuple):
@@ -123,6 +127,8 @@ class HangWatchdog:
         self._armed_beat: _Beat | None = None
         self._armed_timeout = 0.0
         self._closed = False
+        self._started = time.time()  # a marker older than this is another group's (same attempt number)
+        self._marker = self.run_dir / "hangs" / f".firing-attempt{attempt}"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name=f"sheepop-hang-watchdog-rank{rank}", daemon=True)
         self._thread.start()
@@ -192,7 +198,7 @@ class HangWatchdog:
                 continue
             timeout = self.timeout_for(beat.phase)
             waited = time.monotonic() - beat.mono
-            if waited > timeout:
+            if waited > timeout or self._peer_fired():
                 self._fire(beat, waited, timeout)
                 return
             if beat is not self._on_disk and time.monotonic() - self._written_at >= HEARTBEAT_INTERVAL_S:
@@ -200,9 +206,22 @@ class HangWatchdog:
             if self._backstop and (beat is not self._armed_beat or timeout != self._armed_timeout):
                 self._arm()
 
+    def _peer_fired(self) -> bool:
+        """Another rank of this group (on this machine) has fired: write our stacks too, now."""
+        try:
+            return self._marker.stat().st_mtime >= self._started
+        except OSError:
+            return False
+
     def _fire(self, beat: _Beat, waited: float, timeout: float) -> None:
         if self._stop.is_set():  # closed meanwhile
             return
+        if self.exit:  # tell the other ranks (Ray Train restarts the group when the first one exits)
+            try:
+                self._marker.parent.mkdir(parents=True, exist_ok=True)
+                self._marker.write_text(f"rank {self.rank}\n")
+            except OSError:
+                pass
         # The report runs in its own thread with a deadline: writing to a stuck file system must
         # not keep the rank from aborting.
         report = threading.Thread(target=self._report, args=(beat, waited, timeout), daemon=True,
@@ -213,12 +232,22 @@ class HangWatchdog:
             _log(f"rank {self.rank}: the hang report took over {REPORT_DEADLINE_S:.0f} s (stuck storage?); "
                  "aborting without it")
         if self.exit:
+            self._wait_for_peers(self.run_dir / "hangs" / f"attempt{self.attempt}-step{beat.step}")
             for stream in (sys.stdout, sys.stderr):
                 try:
                     stream.flush()
                 except Exception:
                     pass
             os._exit(HANG_EXIT_CODE)
+
+    def _wait_for_peers(self, folder: Path) -> None:
+        """Until every rank of this attempt that heartbeats here has written its stacks (at most PEERS_GRACE_S)."""
+        deadline = time.monotonic() + PEERS_GRACE_S
+        while time.monotonic() < deadline:
+            ranks = {hb["rank"] for hb in read_heartbeats(self.run_dir) if hb.get("attempt") == self.attempt}
+            if all((folder / f"rank{r}.txt").exists() for r in ranks):
+                return
+            time.sleep(0.2)
 
     def _report(self, beat: _Beat, waited: float, timeout: float) -> None:
         folder = self.run_dir / "hangs" / f"attempt{self.attempt}-step{beat.step}"

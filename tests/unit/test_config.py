@@ -105,12 +105,11 @@ def test_global_batch_stays_fixed_across_world_sizes():
 
 
 def test_an_elastic_plan_has_a_batch_plan_for_every_world_it_may_shrink_to(tmp_path):
-    from sheepop.driver.runner import preflight
-    from tests.helpers import plan_without_data
+    from sheepop.driver.runner import make_plan, preflight
 
     cfg = compose(["model=tiny", "cluster.num_workers=4", "cluster.min_workers=2", "trainer.micro_batch_size=2",
                    "trainer.global_batch_size=24", f"run.dir={tmp_path / 'run'}", "cluster.num_cpus=8"])
-    plan, _ = plan_without_data(cfg, tmp_path)
+    plan = make_plan(cfg, None, manifest={})
     assert {w: plan.batch_for(w).grad_accum_steps for w in (2, 3, 4)} == {2: 6, 3: 4, 4: 3}
     assert {plan.batch_for(w).global_batch_size for w in (2, 3, 4)} == {24}
     with pytest.raises(UserError, match="world of 1, the run plan was made for 2 or 3 or 4"):
