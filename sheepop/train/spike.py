@@ -94,11 +94,6 @@ class SpikeDetector:
                 self._grad_norms.append(float(grad_norm))
         return why
 
-    def reset(self) -> None:
-        """Forget the history: the next min_history good steps call nothing."""
-        self._losses.clear()
-        self._grad_norms.clear()
-
     def state_dict(self) -> dict[str, Any]:
         """The history as plain lists of floats (JSON-able, for a checkpoint's meta.json)."""
         return {"losses": list(self._losses), "grad_norms": list(self._grad_norms)}

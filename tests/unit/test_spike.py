@@ -159,16 +159,6 @@ def test_load_state_dict_keeps_the_last_window_values():
     assert det.state_dict() == {"losses": [3.0, 4.0, 5.0, 6.0], "grad_norms": []}
 
 
-def test_reset_forgets_the_history():
-    losses = curve()
-    det = SpikeDetector()
-    feed(det, losses[:200])
-    det.reset()
-    assert det.state_dict() == {"losses": [], "grad_norms": []}
-    assert det.check(losses[200] * 1.5, 1.0) is None  # no history: nothing to compare against
-    assert det.check(NAN, 1.0) == "loss is nan"
-
-
 @pytest.mark.parametrize("kwargs, message", [
     (dict(window=2), "window=2"),
     (dict(window=2.5), "window=2.5"),
