@@ -112,6 +112,7 @@ class TrainerConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept
     log_every: int = 1  # steps between metrics lines
     resume: str = "auto"  # auto (latest in run.dir) | never | path to a checkpoint
+    init_from: str = ""  # weights of a fresh start: "" = random init | hf:DIR (a Hugging Face Llama folder: its config.json sets the model, its tokenizer.json the tokenizer); a resume ignores it
     on_spike: str = "rollback"  # a loss spike (sheepop.train.spike): rollback (to the last checkpoint, its data skipped) | stop | warn
     spike_z: float = 6.0  # robust z-score of the loss over the recent window that counts as a spike
     spike_window: int = 50  # recent good steps the spike statistics use
@@ -287,6 +288,10 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(msg)
 
+    if t.init_from:  # the model's shape and tokenizer come from the imported folder (checked there)
+        from sheepop.model.hf import apply_init_from
+
+        apply_init_from(cfg)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         need(m[key] >= 1, f"model.{key}={m[key]} must be >= 1")
     need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,

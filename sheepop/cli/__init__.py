@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sheepop.cli.generate:main", "sample from a trained run: run.dir=DIR prompt='def '"),
     "eval": ("sheepop.cli.eval:main", "loss and perplexity of a run on a split or files: run.dir=DIR [data=...]"),
     "export": ("sheepop.cli.export:main", "export weights: run.dir=DIR format=hf out=DIR | format=pt [out=FILE]"),
+    "import": ("sheepop.cli.import_hf:main", "import a Hugging Face Llama folder: sheepop import DIR out=RUN_DIR"),
     "watch": ("sheepop.cli.watch:main", "live view of a running job's metrics.jsonl: sheepop watch RUN_DIR"),
     "report": ("sheepop.cli.report:main", "write report.html and report.md for a run: sheepop report RUN_DIR"),
     "submit": ("sheepop.cli.jobs:submit_main", "submit `sheepop train` to a Ray cluster as a Ray Job"),

@@ -63,6 +63,8 @@ def preflight(cfg: Config) -> str | None:
         where = Path(tempfile.gettempdir()) if storage.is_uri(ckpt_root) else storage.local_path(ckpt_root)
         checkpoint.check_space(where, checkpoint.estimated_bytes(cfg), "the first checkpoint")
     resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
+    if resume is None and cfg.trainer.init_from:  # a resume has trained weights: init_from is for step 0 only
+        checkpoint.check_hf(cfg)
     prebuild_ops(cfg)
     existing = checkpoint.list_checkpoints(checkpoint.root(cfg))
     if cfg.trainer.resume == "never" and existing:
@@ -121,7 +123,9 @@ def check_ray_address(address: str) -> None:
 
 def make_plan(cfg: Config, resume: str | None, manifest: dict):
     """The RunPlan every rank gets: decided here, once. A resume on another world size or ZeRO
-    stage is converted to the universal format here too, before any rank starts."""
+    stage is converted to the universal format here too, before any rank starts; imported weights
+    (trainer.init_from) are for a fresh start only."""
+    from sheepop.model.hf import init_from_folder
     from sheepop.train import checkpoint
     from sheepop.train.run_plan import RunPlan
 
@@ -129,8 +133,9 @@ def make_plan(cfg: Config, resume: str | None, manifest: dict):
     universal = None
     if resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage):
         universal = checkpoint.to_universal(resume)
+    init_from = str(init_from_folder(cfg.trainer.init_from)) if resume is None and cfg.trainer.init_from else None
     return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest,
-                   elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers})
+                   elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers}, init_from=init_from)
 
 
 def run(cfg: Config) -> dict:

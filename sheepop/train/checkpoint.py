@@ -27,7 +27,8 @@ from sheepop.train.checkpoint_files import (DS_TAG, latest, list_checkpoints, lo
 
 __all__ = ["DS_TAG", "latest", "list_checkpoints", "name", "read_meta", "root", "run_storage", "resolve_resume",
            "save", "load", "universal_location",
-           "needs_universal", "to_universal", "consolidated_state_dict", "find", "load_model", "Uploads"]
+           "needs_universal", "to_universal", "consolidated_state_dict", "find", "load_model", "Uploads",
+           "check_hf", "load_hf"]
 
 
 class Uploads:
@@ -265,6 +266,36 @@ def _stage0_masters(path: Path, masters: list[list[torch.Tensor]]) -> dict[str, 
     return dict(zip(names, tensors))
 
 
+def check_hf(cfg: Config, *, training: bool = True) -> None:
+    """The driver's check of trainer.init_from=hf:DIR before any rank starts: every tensor's name and
+    shape (from the safetensors headers, no weights read) and the tokenizer against the model (for
+    training, also the document separator the data pipeline needs; generation does without it)."""
+    from sheepop.data import tokenizer as toklib
+    from sheepop.model.hf import from_hf_state_dict, init_from_folder, read_safetensors
+
+    folder = init_from_folder(cfg.trainer.init_from)
+    from_hf_state_dict(read_safetensors(folder, shapes_only=True), cfg.model, where=str(folder))
+    path = cfg.tokenizer.path
+    toklib.check_file(path, "tokenizer.path")
+    tok = toklib.load(path)
+    if tok.get_vocab_size() > cfg.model.vocab_size:  # token ids past the embedding table
+        raise UserError(f"tokenizer.path={path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size="
+                        f"{cfg.model.vocab_size} ({folder}/config.json); valid: the model's own tokenizer.json")
+    if training and tok.token_to_id(toklib.EOT) is None:  # the data pipeline ends every document with it
+        raise UserError(f"tokenizer.path={path} has no {toklib.EOT} token, which sheepop puts between documents; "
+                        f"valid: a tokenizer.json that has it")
+
+
+def load_hf(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load a Hugging Face Llama folder's weights into a model of its shape (trainer.init_from at a fresh
+    start, `sheepop import`); sheepop.model.hf holds the mapping and its checks."""
+    from sheepop.model.hf import from_hf_state_dict, read_safetensors
+
+    sd = from_hf_state_dict(read_safetensors(Path(folder)), model.args, where=str(folder))
+    with torch.no_grad():
+        model.load_state_dict(sd)  # strict, and copy_ casts bf16/fp16 files to the model's dtype
+
+
 def find(run_or_ckpt: str | Path) -> str | None:
     """The checkpoint a run dir, a checkpoints/ folder or a step_N folder names (local or URI)."""
     loc = storage.normalize(run_or_ckpt)
@@ -275,13 +306,15 @@ def find(run_or_ckpt: str | Path) -> str | None:
 
 def load_model(run_or_ckpt: str | Path):
     """(model, tokenizer, meta) from a run dir, a checkpoint folder (local or in storage), or the
-    model.pt that `sheepop export format=pt` wrote (plain torch weights: no DeepSpeed involved),
-    for generate/eval/export."""
+    model.pt that `sheepop export format=pt` or `sheepop import` wrote (plain torch weights: no
+    DeepSpeed involved; its folder names it too when it holds no checkpoint), for generate/eval/export."""
     from sheepop.data.tokenizer import load as load_tokenizer
     from sheepop.model.transformer import Transformer
 
-    if not storage.is_uri(run_or_ckpt) and storage.local_path(run_or_ckpt).is_file():
-        p = storage.local_path(run_or_ckpt)
+    p = None if storage.is_uri(run_or_ckpt) else storage.local_path(run_or_ckpt)
+    if p is not None and (p / "model.pt").is_file() and find(run_or_ckpt) is None:
+        p = p / "model.pt"
+    if p is not None and p.is_file():
         saved = torch.load(p, map_location="cpu", weights_only=True)
         model = Transformer(ModelConfig.from_dict(saved["config"]["model"]))
         model.load_state_dict(saved["model"])

@@ -66,6 +66,8 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     model = Transformer(args)
     resume_dir = restored or plan.resume
     universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
+    if resume_dir is None and plan.init_from:  # a fresh start from imported weights (a resume has trained ones)
+        checkpoint.load_hf(model, plan.init_from)
     engine = eng.build(model, cfg, batch, load_universal=universal is not None)
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0, "rollbacks": 0,
              "skip_steps": sorted(set(t_cfg.skip_steps)), "spike": {}}

@@ -23,6 +23,7 @@ class RunPlan:
     universal: str | None  # its universal-format copy, when the world size or ZeRO stage changed
     manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
     stop_channel: str | None = None  # name of the run's StopFlag actor (Ray runs; sheepop.train.stop)
+    init_from: str | None = None  # a Hugging Face Llama folder whose weights a fresh start loads (None on a resume)
     # Batch plans for the smaller worlds an elastic run (cluster.min_workers) may restart in: the
     # same global batch, more accumulation.
     elastic: dict[int, BatchPlan] = field(default_factory=dict)
