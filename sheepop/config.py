@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sheepop.errors import UserError
-from sheepop.model.config import ModelConfig
+from sheepop.model.config import ACTIVATION_CHECKPOINTING, ModelConfig
 
 GROUPS = ("model", "data", "tokenizer", "trainer", "parallelism", "cluster", "logger")
 
@@ -86,7 +86,8 @@ class TokenizerConfig:
 # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32
 # weights under torch.autocast; auto: bf16 where the hardware has it, else fp32.
 PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
-SPIKE_ACTIONS = ("rollback", "stop", "warn")
+GRAD_ACCUM_DTYPES = ("auto", "fp32", "bf16")
+SPIKE_ACTIONS = ("rollback", "skip", "stop", "warn")
 
 
 @dataclass
@@ -106,6 +107,7 @@ class TrainerConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
     precision: str = "auto"  # one of PRECISIONS (auto: bf16 where the hardware has it; see engine.precision_mode)
+    grad_accum_dtype: str = "auto"  # bf16 mode: what gradients accumulate and reduce in; auto = fp32 at ZeRO 2-3, bf16 at stages 0-1 (see config.grad_accum_dtype) | fp32 | bf16
     eval_every: int = 50  # steps between validation passes (0 = only at the end)
     eval_batches: int = 8  # micro-batches per validation pass
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
@@ -113,15 +115,20 @@ class TrainerConfig:
     log_every: int = 1  # steps between metrics lines
     resume: str = "auto"  # auto (latest in run.dir) | never | path to a checkpoint
     init_from: str = ""  # weights of a fresh start: "" = random init | hf:DIR (a Hugging Face Llama folder: its config.json sets the model, its tokenizer.json the tokenizer); a resume ignores it
-    on_spike: str = "rollback"  # a loss spike (sheepop.train.spike): rollback (to the last checkpoint, its data skipped) | stop | warn
+    on_spike: str = "rollback"  # a loss spike (sheepop.train.spike): rollback (to the last checkpoint, its data skipped) | skip (no update from that step's data) | stop | warn
     spike_z: float = 6.0  # robust z-score of the loss over the recent window that counts as a spike
     spike_window: int = 50  # recent good steps the spike statistics use
     spike_min_history: int = 10  # good steps before any spike can be called (early training moves fast)
-    max_rollbacks: int = 3  # rollbacks in one run before a spike stops it
+    max_rollbacks: int = 3  # rollbacks (on_spike=skip: skipped steps) in one run before a spike stops it
     rollback_skip: int = 1  # data windows a rollback skips: the spike's step and the ones just before it
-    skip_steps: list[int] = field(default_factory=list)  # steps whose data is never trained on (rollbacks add to it)
+    rollback_lr_scale: float = 1.0  # after a rollback the learning rate is multiplied by this ...
+    rollback_lr_steps: int = 0  # ... for this many steps (0 = the rate is unchanged)
+    skip_steps: list[int] = field(default_factory=list)  # data never trained on: step N's window as a run without skips numbers them (rollbacks and on_spike=skip add to it)
     hang_timeout_s: float = 0.0  # a step (or eval) longer than this is a hang; 0 = 10 × the median of the first steps, >= 60 s
     hang_init_timeout_s: float = 900.0  # ... for start-up (engine, checkpoint load, first eval) and each save
+    profile: bool = False  # torch.profiler trace of a few steps to run.dir/profile/ (Perfetto, TensorBoard)
+    profile_start: int = 3  # ... after this many steps of the process (start-up aside) ...
+    profile_steps: int = 3  # ... for this many steps
     sample_prompt: str = "def "  # prompt of the sample printed at the end
     sample_tokens: int = 80  # tokens generated for that sample
     progress: bool = True  # rich progress bar on rank 0
@@ -289,9 +296,9 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(msg)
 
     if t.init_from:  # the model's shape and tokenizer come from the imported folder (checked there)
-        from sheepop.model.hf import apply_init_from
+        from sheepop.model.hf_config import apply_init_from
 
-        apply_init_from(cfg)
+        apply_init_from(cfg, _default_model())
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         need(m[key] >= 1, f"model.{key}={m[key]} must be >= 1")
     need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
@@ -299,6 +306,10 @@ def validate(cfg: DictConfig) -> None:
     need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
     need(m.n_heads % m.n_kv_heads == 0, f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     need((m.d_model // m.n_heads) % 2 == 0, f"head dim {m.d_model // m.n_heads} must be even for RoPE")
+    need(m.activation_checkpointing in ACTIVATION_CHECKPOINTING, f"model.activation_checkpointing="
+         f"{m.activation_checkpointing}; valid: {', '.join(ACTIVATION_CHECKPOINTING)}")
+    need(m.activation_checkpointing_every >= 1,
+         f"model.activation_checkpointing_every={m.activation_checkpointing_every} must be >= 1")
     need(t.max_steps > 0, f"trainer.max_steps={t.max_steps} must be > 0")
     need(t.micro_batch_size > 0, f"trainer.micro_batch_size={t.micro_batch_size} must be > 0")
     need(t.grad_accum_steps >= 0 and t.global_batch_size >= 0,
@@ -317,6 +328,19 @@ def validate(cfg: DictConfig) -> None:
     need(t.spike_z > 0 and t.spike_window >= 3 and 3 <= t.spike_min_history <= t.spike_window,
          f"trainer.spike_z={t.spike_z}, trainer.spike_window={t.spike_window}, trainer.spike_min_history="
          f"{t.spike_min_history}: need spike_z > 0 and 3 <= spike_min_history <= spike_window")
+    need(t.profile_start >= 1 and t.profile_steps >= 1,
+         f"trainer.profile_start={t.profile_start}, trainer.profile_steps={t.profile_steps}: each must be >= 1")
+    need(t.grad_accum_dtype in GRAD_ACCUM_DTYPES,
+         f"trainer.grad_accum_dtype={t.grad_accum_dtype}; valid: {', '.join(GRAD_ACCUM_DTYPES)}")
+    need(not (t.grad_accum_dtype == "fp32" and p.zero_stage < 2 and t.precision == "bf16"),
+         f"trainer.grad_accum_dtype=fp32 with bf16 at parallelism.zero_stage={p.zero_stage}: sheepop accumulates "
+         f"in fp32 at ZeRO stages 2-3; use parallelism=zero2 or trainer.grad_accum_dtype=auto")
+    need(0 < t.rollback_lr_scale <= 1 and t.rollback_lr_steps >= 0,
+         f"trainer.rollback_lr_scale={t.rollback_lr_scale}, trainer.rollback_lr_steps={t.rollback_lr_steps}: "
+         f"need 0 < rollback_lr_scale <= 1 and rollback_lr_steps >= 0")
+    need(not (t.on_spike == "skip" and p.offload_optimizer),
+         "trainer.on_spike=skip with parallelism.offload_optimizer=true: DeepSpeed's CPU Adam cannot skip an "
+         "update; use trainer.on_spike=rollback")
     need(t.max_rollbacks >= 0 and t.rollback_skip >= 1,
          f"trainer.max_rollbacks={t.max_rollbacks}, trainer.rollback_skip={t.rollback_skip}: need >= 0 and >= 1")
     need(all(isinstance(s, int) and s >= 1 for s in t.skip_steps),
@@ -423,6 +447,37 @@ def _fsspec_knows(scheme: str) -> bool:
         return scheme in fsspec.available_protocols()
     except ImportError:
         return False
+
+
+def _default_model() -> dict:
+    """The model fields `sheepop train` has without any model override: the default preset's."""
+    import dataclasses
+
+    defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"))["defaults"]
+    name = next(d["model"] for d in defaults if isinstance(d, dict) and "model" in d)
+    preset = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
+    return {**dataclasses.asdict(ModelConfig()), **preset}
+
+
+def grad_accum_dtype(mode: str, setting: str, zero_stage: int) -> str:
+    """What gradients accumulate in across micro-batches (and are reduced in), fp32 or bf16, for a
+    precision mode (bf16, bf16-autocast, fp32: engine.precision_mode) and trainer.grad_accum_dtype.
+
+    Only DeepSpeed's bf16 mode has a choice (fp32 weights have fp32 gradients). Summing many
+    micro-batches' bf16 gradients in bf16 drops their low bits (8 bits of mantissa), so auto takes
+    fp32 at ZeRO stages 2-3, where DeepSpeed's ZeRO optimizer keeps the rank's gradient shard in
+    fp32 (4 bytes per element instead of 2; `sheepop plan` shows it). Stages 0-1 stay bf16: DeepSpeed
+    0.19 has no fp32 accumulation at stage 0 (NotImplementedError), and at stage 1 it switches to its
+    BF16_Optimizer, which holds a full fp32 gradient buffer beside the bf16 one (6 bytes/parameter
+    unsharded, measured) and writes checkpoints DeepSpeed's own zero_to_fp32 cannot read."""
+    if mode != "bf16":
+        return "fp32"
+    if setting == "auto":
+        return "fp32" if zero_stage >= 2 else "bf16"
+    if setting == "fp32" and zero_stage < 2:  # precision=auto became bf16 on this machine
+        raise UserError(f"trainer.grad_accum_dtype=fp32 with bf16 at parallelism.zero_stage={zero_stage}: sheepop "
+                        f"accumulates in fp32 at ZeRO stages 2-3; use parallelism=zero2 or trainer.grad_accum_dtype=auto")
+    return setting
 
 
 def world_sizes(cfg: "Config") -> list[int]:

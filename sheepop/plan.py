@@ -15,10 +15,11 @@ sheepop's training actually holds on each rank:
                   12 B, ÷N at ZeRO ≥ 1        adds an fp32 copy of the partition: 12 B ÷N
     buffers       gradient-reduce buckets (reduce_bucket_size elements of the gradient dtype, two
                   with overlap_comm at stages 1-2); at ZeRO-3 the gathered weights of ~2 blocks
-    activations   tensors saved for backward (no activation checkpointing; flash attention, so
-                  nothing grows with seq²), under bf16-autocast also the bf16 weight copies it
-                  saves (2 B/param, not sharded even at ZeRO-3), and the logits' forward/backward
-                  transient
+    activations   tensors saved for backward (flash attention, so nothing grows with seq²), under
+                  bf16-autocast also the bf16 weight copies it saves (2 B/param, not sharded even
+                  at ZeRO-3), and the logits' forward/backward transient. A checkpointed block
+                  (model.activation_checkpointing) keeps only its input, its weight copies are not
+                  kept, and one block at a time recomputes its full activations during backward
   Offload moves the optimizer state and fp32 gradient partition (offload_optimizer) and the
   weights (offload_params, ZeRO-3) to CPU memory.
 
@@ -67,8 +68,11 @@ MODES = ("bf16", "bf16-autocast", "fp32")  # trainer.precision once `auto` is re
 
 def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str) -> dict[str, float]:
     """Bytes of one micro-batch's activations: `saved` (kept for backward, counted from what
-    autograd saves in sheepop's Transformer: see tests/unit/test_plan.py) and `transient` (the
-    logits' output and fp32 gradient at the peak of backward)."""
+    autograd saves in sheepop's Transformer: see tests/unit/test_plan.py; with activation
+    checkpointing also the block being recomputed) and `transient` (the logits' output and fp32
+    gradient at the peak of backward)."""
+    from sheepop.model.config import checkpointed_layers
+
     d, f, V, L = model.d_model, model.d_ff, model.vocab_size, model.n_layers
     kv = model.n_kv_heads * model.head_dim
     b = 4 if precision == "fp32" else 2  # bytes of a matmul output
@@ -86,16 +90,23 @@ def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str) -
     mlp = 4 * b * f  # w1 out, w3 out, silu out, their product
     per_token_layer = norms + attn + mlp
     head = head_norm + 4 * V + 8  # final norm (+ head input), fp32 log-softmax, token ids
+    # Checkpointed blocks keep their input (the residual stream: bf16 in bf16 mode, else fp32);
+    # during backward one of them at a time holds its full activations again.
+    ckpt = len(checkpointed_layers(L, model.activation_checkpointing, model.activation_checkpointing_every))
+    residual = (2 if precision == "bf16" else 4) * d
+    blocks = (L - ckpt) * per_token_layer + ckpt * residual + (per_token_layer if ckpt else 0)
     tokens = micro * seq
-    saved = tokens * (L * per_token_layer + head)
+    saved = tokens * (blocks + head)
     return {"saved": saved, "transient": tokens * V * (b + 4)}
 
 
 def memory(model: ModelConfig, *, stage: int, world: int, micro: int, seq: int, precision: str = "bf16",
            offload_optimizer: bool = False, offload_params: bool = False, reduce_bucket_size: int = 50_000_000,
-           overlap_comm: bool = True) -> dict:
+           overlap_comm: bool = True, grad_accum: str = "auto") -> dict:
     """Bytes per rank on the GPU (params, grads, optimizer, buffers, activations, total) and
     in CPU memory (cpu) for one ZeRO configuration. precision: one of MODES."""
+    from sheepop.config import grad_accum_dtype
+    from sheepop.model.config import checkpointed_layers
     from sheepop.model.transformer import num_params
 
     if precision not in MODES:
@@ -104,21 +115,26 @@ def memory(model: ModelConfig, *, stage: int, world: int, micro: int, seq: int, 
     shard = world if world > 1 else 1
     w = 2 if precision == "bf16" else 4  # bytes per weight and per gradient element
     params = w * n / (shard if stage == 3 else 1)
-    grads = w * n / (shard if stage >= 1 else 1)
+    if precision == "bf16" and grad_accum_dtype(precision, grad_accum if stage >= 2 else "bf16", stage) == "fp32":
+        grads = 4 * n / shard  # fp32 accumulators beside bf16 weights: this rank's shard (ZeRO 2-3)
+    else:
+        grads = w * n / (shard if stage >= 1 else 1)
     if precision == "bf16":
         optim = 12 * n / (shard if stage >= 1 else 1)  # fp32 master + Adam m, v
     else:
         optim = 8 * n if stage == 0 else 12 * n / shard
+    d, hd = model.d_model, model.head_dim
+    block = 2 * d * hd * (model.n_heads + model.n_kv_heads) + 3 * d * model.d_ff + 2 * d  # one layer's params
     buffers = 0.0
     if stage in (1, 2):
         buffers = reduce_bucket_size * w * (2 if overlap_comm else 1)
     elif stage == 3:
-        d, hd = model.d_model, model.head_dim
-        block = 2 * d * hd * (model.n_heads + model.n_kv_heads) + 3 * d * model.d_ff + 2 * d  # one layer
         buffers = reduce_bucket_size * w + 2 * w * max(block, model.vocab_size * model.d_model)
     buffers = min(buffers, w * n * 2)  # buckets never exceed what they carry
     act = activation_bytes(model, micro, seq, precision)
-    weight_copies = 2 * n if precision == "bf16-autocast" else 0  # autocast's bf16 casts, saved for backward
+    # autocast's bf16 casts, saved for backward; checkpointed blocks' only while one is recomputed.
+    ckpt = len(checkpointed_layers(model.n_layers, model.activation_checkpointing, model.activation_checkpointing_every))
+    weight_copies = 2 * (n - max(ckpt - 1, 0) * block) if precision == "bf16-autocast" else 0
     cpu = 0.0
     if offload_optimizer:
         cpu += optim + 4 * n / shard  # + the fp32 gradient partition the CPU optimizer steps with
@@ -150,7 +166,15 @@ def _mem_for(cfg: Config, *, stage: int | None = None, world: int | None = None,
                   micro=micro or t.micro_batch_size, seq=t.seq_len or cfg.model.max_seq_len, precision=_precision(cfg),
                   offload_optimizer=p.offload_optimizer if offload_optimizer is None else offload_optimizer,
                   offload_params=p.offload_params if offload_params is None else offload_params,
-                  reduce_bucket_size=p.reduce_bucket_size, overlap_comm=p.overlap_comm)
+                  reduce_bucket_size=p.reduce_bucket_size, overlap_comm=p.overlap_comm, grad_accum=t.grad_accum_dtype)
+
+
+def _checkpointing(cfg: Config) -> str:
+    m = cfg.model
+    if m.activation_checkpointing == "none":
+        return ""
+    every = f" every {m.activation_checkpointing_every}" if m.activation_checkpointing == "selective" else ""
+    return f", activation checkpointing {m.activation_checkpointing}{every}"
 
 
 def _settings(cfg: Config) -> str:
@@ -267,7 +291,7 @@ def render(s: dict, cfg: Config) -> str:
         f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({human(s['tokens'])})",
         "",
         f"memory per GPU, {unit_name} ({s['world']} × {s['gpu']}, {s['usable_gib']:.1f} GiB usable; "
-        f"{_precision(cfg)}, AdamW):",
+        f"{_precision(cfg)}, AdamW{_checkpointing(cfg)}):",
         f"  {'ZeRO':<16}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>9}{'activ.':>8}{'total':>8}"
         f"{'CPU/rank':>10}  fits",
     ]

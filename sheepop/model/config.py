@@ -8,6 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# model.activation_checkpointing: which blocks recompute their activations in backward (applied by
+# sheepop.train.activation_checkpointing; the Transformer itself knows nothing of it).
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
+def checkpointed_layers(n_layers: int, mode: str, every: int) -> range:
+    """The blocks a mode checkpoints: full = all; selective = 0, every, 2·every, ... (here, not in
+    the train package, so that `sheepop plan` counts the same blocks without importing it)."""
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing {mode}; valid: {', '.join(ACTIVATION_CHECKPOINTING)}")
+    return range(0, n_layers if mode != "none" else 0, 1 if mode == "full" else every)
+
 
 @dataclass
 class ModelConfig:
@@ -23,6 +35,8 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # share token embedding and output head weights
     init_std: float = 0.02  # normal init std; residual projections are scaled by 1/sqrt(2L)
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every k-th): less memory, ~1/3 more compute
+    activation_checkpointing_every: int = 2  # selective: checkpoint blocks 0, k, 2k, ...
 
     # Fields that decide the shape of the weights (a checkpoint loads only into the same values).
     # max_seq_len only sizes the RoPE tables (not saved); init_std only matters before step 0.

@@ -27,17 +27,14 @@ sheepop.train.checkpoint.load_hf's (the one place weights are loaded).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from sheepop.errors import UserError
 from sheepop.model.config import ModelConfig
-
-if TYPE_CHECKING:
-    from omegaconf import DictConfig
+from sheepop.model.hf_config import (IMPORTED_FIELDS, apply_init_from, init_from_folder,  # noqa: F401 (re-exported)
+                                     model_config_from_hf, safetensors_files)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 EOT, PAD = "<|endoftext|>", "<|pad|>"
@@ -67,61 +64,6 @@ def hf_state_dict(model) -> dict:
     if model.args.tie_embeddings:  # safetensors refuses tensors shared with the head
         out["model.embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
     return out
-
-
-def model_config_from_hf(config_json: dict, base: ModelConfig, where: str = "config.json") -> ModelConfig:
-    """The ModelConfig of a HF Llama config.json: its shape on top of `base` (which keeps what HF does
-    not say: name, init_std, activation checkpointing). Anything the Transformer would compute
-    differently is refused in one line naming the key and what sheepop accepts."""
-    c = config_json
-
-    def need(ok: bool, key: str, valid: str) -> None:
-        if not ok:
-            raise UserError(f"{where}: {key}={c.get(key)!r} is not supported (sheepop imports the Llama "
-                            f"architecture only); valid: {valid}")
-
-    need(c.get("model_type") == "llama", "model_type", "llama")
-    need(c.get("architectures") in (None, ["LlamaForCausalLM"]), "architectures", '["LlamaForCausalLM"]')
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
-        need(isinstance(c.get(key), int) and c[key] >= 1, key, "a positive integer")
-    d, heads = c["hidden_size"], c["num_attention_heads"]
-    kv = c.get("num_key_value_heads") or heads  # absent: plain multi-head attention (LlamaConfig's default)
-    need(d % heads == 0 and (d // heads) % 2 == 0, "num_attention_heads", f"a divisor of hidden_size={d} "
-         "leaving an even head_dim")
-    need(heads % kv == 0, "num_key_value_heads", f"a divisor of num_attention_heads={heads}")
-    need(c.get("head_dim") in (None, d // heads), "head_dim", f"hidden_size / num_attention_heads = {d // heads}")
-    need(c.get("hidden_act", "silu") == "silu", "hidden_act", "silu (SwiGLU)")
-    need(not c.get("attention_bias") and not c.get("mlp_bias"),
-         "attention_bias" if c.get("attention_bias") else "mlp_bias", "false (sheepop's linear layers have no bias)")
-    need(not c.get("rope_scaling"), "rope_scaling", "null (sheepop's RoPE has no scaling)")
-    rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps theta and any scaling here
-    need(rope.get("rope_type", "default") == "default", "rope_parameters",
-         '{"rope_type": "default", "rope_theta": ...} (sheepop\'s RoPE has no scaling)')
-    need(not c.get("quantization_config"), "quantization_config", "absent (unquantized weights)")
-    return dataclasses.replace(
-        base, vocab_size=c["vocab_size"], d_model=d, n_layers=c["num_hidden_layers"], n_heads=heads, n_kv_heads=kv,
-        d_ff=c["intermediate_size"], max_seq_len=c.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),  # absent keys take LlamaConfig's defaults
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)))
-
-
-def safetensors_files(folder: Path) -> list[Path]:
-    """model.safetensors, or the shards model.safetensors.index.json lists (no torch: compose checks this)."""
-    index = folder / "model.safetensors.index.json"
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
-    if not index.is_file():
-        raise UserError(f"{folder}: no model.safetensors or model.safetensors.index.json; valid: a folder saved "
-                        "by save_pretrained(safe_serialization=True) (pytorch_model.bin is not read)")
-    try:
-        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
-    except (ValueError, KeyError, AttributeError):
-        raise UserError(f"{index}: not a safetensors index; valid: JSON with a weight_map of tensor → file") from None
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"{index} lists {missing[0]}, which is not in {folder} ({len(missing)} missing)")
-    return files
 
 
 def read_safetensors(folder: Path, *, shapes_only: bool = False) -> dict:
@@ -171,62 +113,6 @@ def from_hf_state_dict(hf_sd: dict, args: ModelConfig, where: str = "the checkpo
             raise UserError(f"{where}: {names.get(ours, ours)} has shape {tuple(t.shape)}, config.json's model needs "
                             f"{tuple(expected[ours].shape)}; valid: weights saved with that config.json")
     return sd
-
-
-def init_from_folder(spec: str) -> Path:
-    """The folder of trainer.init_from=hf:DIR, absolute (ranks may run in another working directory)."""
-    if not spec.startswith("hf:") or not spec[3:]:
-        raise UserError(f"trainer.init_from={spec}; valid: '' (random init) or hf:DIR (a local folder in the "
-                        "Hugging Face Llama layout)")
-    return Path(spec[3:]).expanduser().absolute()
-
-
-# The model fields config.json decides (max_seq_len: max_position_embeddings, the RoPE positions it knows).
-IMPORTED_FIELDS = (*ModelConfig.WEIGHT_FIELDS, "max_seq_len")
-
-
-def apply_init_from(cfg: "DictConfig") -> None:
-    """trainer.init_from=hf:DIR, on the composed (resolved) DictConfig, for sheepop.config.validate: the
-    model's shape becomes DIR/config.json's and tokenizer.path DIR/tokenizer.json (unless set). A shape
-    field the command line chose (a model=PRESET other than the default one, or model.X=...) that
-    disagrees with config.json is refused. No torch here: compose stays fast."""
-    folder = init_from_folder(cfg.trainer.init_from)
-    config_json = folder / "config.json"
-    if not config_json.is_file():
-        raise UserError(f"trainer.init_from={cfg.trainer.init_from}: no {config_json}; valid: hf:DIR, a folder "
-                        "written by save_pretrained (config.json, model.safetensors, tokenizer.json)")
-    try:
-        config = json.loads(config_json.read_text())
-    except ValueError as e:
-        raise UserError(f"{config_json}: not JSON ({e})") from None
-    imported = model_config_from_hf(config, ModelConfig(), where=str(config_json))
-    safetensors_files(folder)
-    default = _default_model()
-    for key in IMPORTED_FIELDS:
-        ours, theirs = cfg.model[key], getattr(imported, key)
-        if ours != default[key] and ours != theirs:  # the command line chose this value: it must agree
-            raise UserError(f"model.{key}={ours} but {config_json} has {theirs}; the shape comes from "
-                            f"trainer.init_from: drop model.{key} (or the model=... preset)")
-        cfg.model[key] = theirs
-    cfg.trainer.init_from = f"hf:{folder}"
-    if not cfg.tokenizer.path:
-        if not (folder / "tokenizer.json").is_file():
-            raise UserError(f"trainer.init_from={cfg.trainer.init_from}: no {folder / 'tokenizer.json'}; valid: a "
-                            "folder with the model's tokenizer.json, or tokenizer.path=FILE")
-        cfg.tokenizer.path = str(folder / "tokenizer.json")
-    cfg.tokenizer.vocab_size = cfg.model.vocab_size  # its interpolation was resolved with the preset's size
-
-
-def _default_model() -> dict:
-    """The model fields `sheepop train` has without any model override: the default preset's."""
-    from omegaconf import OmegaConf
-
-    from sheepop.config import conf_dir
-
-    defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"))["defaults"]
-    name = next(d["model"] for d in defaults if isinstance(d, dict) and "model" in d)
-    preset = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
-    return {**dataclasses.asdict(ModelConfig()), **preset}
 
 
 def hf_config(args, tok, dtype: str) -> dict:

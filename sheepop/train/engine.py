@@ -20,8 +20,10 @@ import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 
-from sheepop.config import BatchPlan, Config  # noqa: E402
+from sheepop.config import BatchPlan, Config, grad_accum_dtype  # noqa: E402
 from sheepop.net import free_port  # noqa: E402
+from sheepop.train import activation_checkpointing  # noqa: E402
+from sheepop.train.update_gate import GatedAdamW, GatedLambdaLR, UpdateGate  # noqa: E402
 
 ds_logger.setLevel(os.environ.get("SHEEPOP_DS_LOG_LEVEL", "WARNING"))
 compat.quiet_deepspeed_build_notice()
@@ -113,6 +115,7 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
     }
     if precision_mode(t.precision) == "bf16":
         ds["bf16"] = {"enabled": True}
+        ds["data_types"] = {"grad_accum_dtype": grad_accum_dtype("bf16", t.grad_accum_dtype, p.zero_stage)}
     if p.offload_optimizer:
         # Offloaded optimizer state must be stepped by DeepSpeed's CPU Adam (JIT-built once).
         ds["optimizer"] = {"type": "AdamW", "params": {
@@ -159,25 +162,28 @@ def lr_lambda(cfg: Config):
 
 
 def build(model: torch.nn.Module, cfg: Config, batch: BatchPlan, load_universal: bool = False):
-    """Wrap the model: returns the DeepSpeed engine (its .optimizer and .lr_scheduler set).
+    """Wrap the model: returns the DeepSpeed engine (its .optimizer, .lr_scheduler and .update_gate set).
 
     load_universal: the checkpoint to load next is in DeepSpeed's universal format (a resume
     on another world size or ZeRO stage)."""
+    activation_checkpointing.apply(model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every)
     t = cfg.trainer
     ds_cfg = deepspeed_config(cfg, batch)
     if load_universal:
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
     groups = param_groups(model, t.weight_decay)
+    gate = UpdateGate()
     optimizer = None
     if "optimizer" not in ds_cfg:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        optimizer = GatedAdamW(groups, gate, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
 
     def scheduler(opt):
-        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        return GatedLambdaLR(opt, lr_lambda(cfg), gate)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    engine.update_gate = gate  # the loop's say over the next update (skip it, scale its rate)
     return engine
 
 

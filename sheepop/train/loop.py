@@ -25,6 +25,7 @@ from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, flops_per_token
 from sheepop.train import checkpoint, checkpoint_files, engine as eng
 from sheepop.train.guard import DivergenceGuard
+from sheepop.train.profile import StepProfiler
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
 from sheepop.train.spike import SpikeDetector
@@ -65,12 +66,12 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     args = cfg.model
     model = Transformer(args)
     resume_dir = restored or plan.resume
-    universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
     if resume_dir is None and plan.init_from:  # a fresh start from imported weights (a resume has trained ones)
         checkpoint.load_hf(model, plan.init_from)
+    universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
     engine = eng.build(model, cfg, batch, load_universal=universal is not None)
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0, "rollbacks": 0,
-             "skip_steps": sorted(set(t_cfg.skip_steps)), "spike": {}}
+             "skip_steps": sorted(set(t_cfg.skip_steps)), "spike": {}, "lr_scale_until": 0}
     if resume_dir is not None:
         state.update(_merged(checkpoint.load(engine, resume_dir, rank, universal), state))
         state["attempt"] = state.get("attempt", 0) + 1
@@ -112,6 +113,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         return ckpt
 
     def abort(event: str, reason: str, message: str) -> None:
+        profiler.close()
         sink.event(event, step=state["step"], reason=reason)
         sink.close()
         stop.close()
@@ -130,8 +132,15 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     if start_step == 0:
         sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
     engine.train()
+    profiler = StepProfiler(t_cfg.profile, run_dir / "profile", rank, start=t_cfg.profile_start,
+                            steps=t_cfg.profile_steps, on_written=lambda d: sink.event("profile", step=state["step"],
+                                                                                    path=str(d)))
+    gate = engine.update_gate
+    gate.lr_scale, gate.lr_scale_until = t_cfg.rollback_lr_scale, state.get("lr_scale_until", 0)
     last: dict = {}
     stopped = False
+    pending_save: str | None = None  # a save request that arrived on a step that was then undone
+    skips_in_a_row = 0  # on_spike=skip: consecutive skipped steps (too many = diverged)
     debug = cfg.debug if state["attempt"] == 0 else None  # fault injection: a run's first attempt only
     while state["step"] < t_cfg.max_steps:
         step = state["step"]
@@ -150,15 +159,37 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                 loss = engine(x.to(device), y.to(device))
             watchdog.beat("backward", step)  # where ranks wait for each other's gradients
             engine.backward(loss)
-            engine.step()
             loss_sum += loss.detach().float()
-        # One all-reduce carries the loss and every rank's stop and save requests.
+            if m < accum - 1:
+                engine.step()  # accumulates; the last micro-batch's step applies the update, below
+        # One all-reduce carries the loss and every rank's stop and save requests. It comes before the
+        # step that applies the update, so that a spike can still cancel that update (on_spike=skip).
         watchdog.beat("sync", step)
         stop_why, save_why = stop.poll()
+        save_why = save_why or pending_save
         buf = torch.stack([loss_sum / accum, torch.tensor(float(stop_why is not None), device=device),
                            torch.tensor(float(save_why is not None), device=device)])
         dist.all_reduce(buf)
+        skip_why = spikes.check((buf[0] / world).item(), None) if t_cfg.on_spike == "skip" else None
+        gate.skip = skip_why is not None
+        engine.step()
+        gate.skip = False
+        # A save asked for on a step that is undone (skipped, rolled back) is taken on the next one.
+        pending_save = (save_why or "another rank was asked to save") if buf[2].item() > 0 else None
+        if skip_why:
+            skips_in_a_row += 1
+            sink.log({"step": step + 1, "loss": (buf[0] / world).item(), "lr": lr, "grad_norm": _grad_norm(engine),
+                      "tokens": state["tokens"]})  # the step is retried on the next window: readers take its last line
+            if skips_in_a_row > t_cfg.max_rollbacks:  # every step spikes: the run has diverged
+                abort("diverged", skip_why, f"training diverged at step {step + 1}: {skip_why}; {skips_in_a_row} "
+                                            f"steps in a row were spikes (trainer.max_rollbacks={t_cfg.max_rollbacks}); "
+                                            f"lower trainer.lr={t_cfg.lr}")
+            state["skip_steps"] = sorted(set(state["skip_steps"]) | {window + 1})
+            sink.event("spike", step=step + 1, reason=skip_why, action="skip", skip_steps=[window + 1])
+            continue
+        skips_in_a_row = 0
         state["step"] = step = step + 1
+        profiler.step()
         state["tokens"] += batch.tokens_per_step
         dt = time.perf_counter() - t0
         last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
@@ -166,25 +197,33 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                 "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
-        spike = spikes.check(last["loss"], last["grad_norm"])
+        spike = spikes.check(last["loss"], last["grad_norm"]) if t_cfg.on_spike != "skip" else None
         if spike and t_cfg.on_spike != "warn":
             sink.log(last)
             if t_cfg.on_spike == "stop":
                 abort("spike", spike, f"loss spike at step {step}: {spike}; stopped (trainer.on_spike=stop); "
                                       f"trainer.resume=auto restarts from the last checkpoint, "
-                                      f"trainer.skip_steps=[{step}] skips its data")
+                                      f"trainer.skip_steps=[{window + 1}] skips its data")
             if state["rollbacks"] >= t_cfg.max_rollbacks or good[0] is None:  # skipping data does not help: diverged
                 why = (f"after {state['rollbacks']} rollback(s) (trainer.max_rollbacks)" if good[0] is not None
                        else "with no checkpoint to roll back to")
                 abort("diverged", spike, f"training diverged at step {step}: {spike} {why}; lower trainer.lr={t_cfg.lr}")
-            skip = list(range(max(1, step - t_cfg.rollback_skip + 1), step + 1))
+            # trainer.skip_steps counts windows as a run without skips numbers its steps: the windows
+            # this step and the rollback_skip - 1 before it trained on
+            skip = [data_step(i, state["skip_steps"]) + 1 for i in range(max(0, step - t_cfg.rollback_skip), step)]
             sink.event("spike", step=step, reason=spike, action="rollback", skip_steps=skip)
             back = _rollback(engine, good, rank, uploads)
             state.update(_merged(back, state), attempt=state["attempt"], rollbacks=state["rollbacks"] + 1,
                          skip_steps=sorted(set(state["skip_steps"]) | set(skip) | set(back.get("skip_steps", []))))
+            if t_cfg.rollback_lr_steps:  # a gentler rate for a while after the rollback
+                state["lr_scale_until"] = state["step"] + t_cfg.rollback_lr_steps
+            gate.lr_scale_until = state.get("lr_scale_until", 0)
+            engine.lr_scheduler.refresh()  # the checkpoint brought back the rate it saved
             guard = DivergenceGuard(args.vocab_size)
             sink.event("rollback", step=state["step"], from_step=step, checkpoint=str(good[0]),
-                       skip_steps=state["skip_steps"], rollbacks=state["rollbacks"])
+                       skip_steps=state["skip_steps"], rollbacks=state["rollbacks"],
+                       lr_scale=t_cfg.rollback_lr_scale if t_cfg.rollback_lr_steps else 1.0,
+                       lr_scale_until=state.get("lr_scale_until", 0))
             continue
         if spike:
             sink.event("spike", step=step, reason=spike, action="warn")
@@ -200,7 +239,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
         if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
             sink.log(last)
-        stopped, save_now = buf[1].item() > 0, buf[2].item() > 0
+        stopped, save_now, pending_save = buf[1].item() > 0, buf[2].item() > 0, None
         if save_now:
             sink.event("save_requested", step=step, reason=save_why or "another rank was asked to save")
         if stopped or save_now or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
@@ -212,6 +251,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             sink.event("stop", step=step, reason=stop_why or "another rank was asked to stop")
             break
 
+    profiler.close()
     watchdog.close()  # what follows waits on uploads, which have no step-sized timeout
     probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=state["step"], world_size=world,

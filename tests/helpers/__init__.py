@@ -242,3 +242,33 @@ class RayNode:
 
     def stop(self) -> None:
         _end(self.proc)
+
+
+def saved_bytes(model, idx, precision: str, block: int | None = None) -> int:
+    """Bytes autograd saves in a training forward of a sheepop Transformer (weights aside). block:
+    those of that block's own forward alone, which is what a checkpointed block saves again while
+    backward recomputes it."""
+    import functools
+
+    import torch
+
+    from sheepop.model.transformer import rope_angles
+
+    seen: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted elsewhere
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    run = functools.partial(model, idx, idx)
+    if block is not None:  # its input (made outside the hooks) and its class forward, never checkpointed
+        b, x = model.layers[block], model.tok_emb(idx)
+        cos, sin = rope_angles(torch.arange(idx.shape[1]), model.args.head_dim, model.args.rope_theta)
+        run = functools.partial(type(b).forward, b, x, cos, sin)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
+        run()
+    return sum(seen.values())

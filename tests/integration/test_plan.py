@@ -23,9 +23,12 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
 
     eng.init_distributed()
     try:
-        for precision, stage in ((p, s) for p in plan.MODES for s in (0, 1, 2, 3)):
+        # bf16 mode accumulates gradients in fp32 at stages 2-3 (auto); bf16 accumulation there too
+        cases = [(p, s, "auto") for p in plan.MODES for s in (0, 1, 2, 3)] + [("bf16", s, "bf16") for s in (2, 3)]
+        for precision, stage, accum in cases:
             cfg = compose(["model=tiny", f"parallelism.zero_stage={stage}", "cluster=local", f"trainer.precision={precision}",
                            f"cluster.num_workers={world}", "logger=none", "trainer.micro_batch_size=2",
+                           f"trainer.grad_accum_dtype={accum}",
                            f"trainer.global_batch_size={2 * world}"])  # one micro step = one optimizer step
             torch.manual_seed(0)
             e = eng.build(Transformer(cfg.model), cfg, batch_plan(cfg, world))
@@ -35,7 +38,7 @@ def _engine_worker(rank: int, world: int, port: int, queue) -> None:
             e.step()
             after_step = engine_bytes(e)  # AdamW's state exists from the first step
             if rank == 0:
-                queue.put(((precision, stage), {k: max(after_backward[k], after_step[k]) for k in after_step}))
+                queue.put(((precision, stage, accum), {k: max(after_backward[k], after_step[k]) for k in after_step}))
             del e
     finally:
         eng.shutdown()
@@ -48,12 +51,13 @@ def test_memory_model_matches_deepspeed_engines_on_two_ranks():
     queue = ctx.Queue()
     mp.spawn(_engine_worker, args=(2, free_port(), queue), nprocs=2, join=True)
     # Every result was put before the workers exited: the timeout only guards against a lost one.
-    measured = dict(queue.get(timeout=60) for _ in range(4 * len(plan.MODES)))
+    measured = dict(queue.get(timeout=60) for _ in range(4 * len(plan.MODES) + 2))
     model = compose(["model=tiny"]).model
-    for (precision, stage), got in sorted(measured.items()):
-        est = plan.memory(model, stage=stage, world=2, micro=2, seq=32, precision=precision)
+    for (precision, stage, accum), got in sorted(measured.items()):
+        est = plan.memory(model, stage=stage, world=2, micro=2, seq=32, precision=precision, grad_accum=accum)
         for key in ("params", "grads", "optimizer"):
-            assert est[key] == pytest.approx(got[key], rel=0.15), (precision, stage, key, est[key], got[key])
+            assert est[key] == pytest.approx(got[key], rel=0.15), (precision, stage, accum, key, est[key], got[key])
+    measured = {(p, s): v for (p, s, a), v in measured.items() if a == "auto"}
     # The sharding is visible in the measurements themselves, not only in the model.
     n = num_params(model)
     assert measured["bf16", 0]["optimizer"] == pytest.approx(12 * n, rel=0.05)  # fp32 master + Adam m, v

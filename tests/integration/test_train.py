@@ -18,10 +18,18 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     """The issue's acceptance command, on the default cluster (a local Ray instance)."""
     run = tmp_path / "r"
     r = sheepop("train", "model=tiny", "trainer.max_steps=30", f"run.dir={run}", "logger.mode=offline",
-                "data.max_bytes=3000000", f"data.out_dir={tmp_path.parent}/stdlib-3mb-v1024-default")
+                "data.max_bytes=3000000", f"data.out_dir={tmp_path.parent}/stdlib-3mb-v1024-default",
+                "trainer.profile=true", "trainer.profile_start=2", "trainer.profile_steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("config.yaml", "metrics.jsonl", "tokenizer.json", "loss.png"):
         assert (run / name).is_file(), name
+    # trainer.profile: a Chrome/Perfetto trace of steps 3-4 (after one warm-up step; the profiler counts
+    # from 0), the model's ops and the optimizer step in it, written once step 4 is done
+    (trace,) = (run / "profile").glob("rank0.*.pt.trace.json")
+    names = {e.get("name", "") for e in json.loads(trace.read_text())["traceEvents"]}
+    assert {n for n in names if n.startswith("ProfilerStep#")} == {"ProfilerStep#2", "ProfilerStep#3"}
+    assert "aten::scaled_dot_product_attention" in names and "Optimizer.step#GatedAdamW.step" in names
+    assert [e["step"] for e in read_metrics(run) if e.get("event") == "profile"] == [4]
     ckpts = list((run / "checkpoints").glob("step_*/meta.json"))
     assert [json.loads(p.read_text())["step"] for p in ckpts] == [30]
     rows = [r for r in read_metrics(run) if "event" not in r and "loss" in r]
@@ -119,12 +127,12 @@ def test_refused_resumes_leave_existing_checkpoints_untouched(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == before
 
 
-@pytest.mark.parametrize("zero", ["ddp", "zero1"])
+@pytest.mark.parametrize("zero", ["ddp", "zero1", "zero2"])
 def test_bf16_checkpoint_holds_fp32_master_and_resumes_exactly(tmp_path, zero):
     """precision=bf16 is DeepSpeed's bf16 mode: bf16 weights in the module, their fp32 master in
     the optimizer. A checkpoint must carry the master: consolidated weights are fp32 (not bf16-
     rounded) and round to the module's bf16 weights, and a resume from step 3 ends with exactly
-    the weights and losses of the run that never stopped."""
+    the weights and losses of the run that never stopped. (zero2: gradients accumulate in fp32.)"""
     import torch
 
     from sheepop.train.checkpoint import consolidated_state_dict
@@ -169,3 +177,27 @@ def test_bf16_autocast_mode_trains_with_fp32_weights(tmp_path):
     module = torch.load(run / "checkpoints" / "step_000008" / "ds" / "mp_rank_00_model_states.pt",
                         map_location="cpu", weights_only=False)["module"]
     assert {t.dtype for t in module.values()} == {torch.float32}
+
+
+def test_activation_checkpointing_trains_like_without_it_on_zero3_and_zero2(tmp_path):
+    """model.activation_checkpointing through real DeepSpeed engines: at ZeRO-3 a recompute in
+    backward gathers its block's sharded weights again. full (ZeRO-3) and selective (ZeRO-2) log
+    the losses of the run without it (fp32, one rank: the stages train alike)."""
+    from sheepop.train.checkpoint import consolidated_state_dict
+
+    common = ["trainer.max_steps=6", "trainer.eval_every=0", *FP32]
+    runs = {}
+    for name, extra in (("plain", ["parallelism=zero3"]),
+                        ("full", ["parallelism=zero3", "model.activation_checkpointing=full"]),
+                        ("selective", ["parallelism=zero2", "model.activation_checkpointing=selective"])):
+        r = sheepop("train", *tiny_overrides(tmp_path / name, *common, *extra))
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        runs[name] = latest_per_step(read_metrics(tmp_path / name), "loss")
+    steps, loss = runs.pop("plain")
+    assert steps == list(range(1, 7))
+    for name, (s, l) in runs.items():
+        assert s == steps and max(abs(a - b) for a, b in zip(loss, l)) < 1e-4, (name, loss, l)
+    # The ZeRO-3 checkpoint holds the same keys (no wrapper prefix) and the same weights.
+    plain, full = (consolidated_state_dict(tmp_path / n / "checkpoints" / "step_000006") for n in ("plain", "full"))
+    assert full.keys() == plain.keys()
+    assert max((full[k] - plain[k]).abs().max().item() for k in plain) < 1e-4

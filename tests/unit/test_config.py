@@ -45,14 +45,18 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("cluster.cpus_per_worker=-1", "cluster.cpus_per_worker=-1 must be >= 0"),
     ("trainer.resume=/does/not/exist", "no such checkpoint"),
     ("cluster.min_workers=5", "cluster.min_workers=5; valid: 1..cluster.num_workers=1"),
-    ("trainer.on_spike=skip", "trainer.on_spike=skip; valid: rollback, stop, warn"),
+    ("trainer.on_spike=undo", "trainer.on_spike=undo; valid: rollback, skip, stop, warn"),
+    ("trainer.on_spike=skip parallelism=zero3_offload", "trainer.on_spike=skip with parallelism.offload_optimizer=true"),
+    ("trainer.rollback_lr_scale=2", "trainer.rollback_lr_scale=2.0"),
+    ("trainer.grad_accum_dtype=fp16", "trainer.grad_accum_dtype=fp16; valid: auto, fp32, bf16"),
+    ("trainer.grad_accum_dtype=fp32 trainer.precision=bf16 parallelism=zero1", "zero_stage=1: sheepop accumulates in fp32 at ZeRO stages 2-3"),
     ("trainer.skip_steps=[0,3]", "skip_steps=.0, 3.: steps are integers >= 1"),
     ("trainer.hang_timeout_s=-1", "trainer.hang_timeout_s=-1.0"),
     ("debug.hang_rnk=1", "valid keys in debug: hang_at_step, hang_rank, spike_at_step"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
-        compose([override])
+        compose(override.split())
 
 
 # The CLI in a child that reports, as it exits, which heavy libraries it imported.
@@ -142,3 +146,25 @@ def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
 def test_storage_uris_are_accepted():
     cfg = compose(["cluster.storage_path=s3://bucket/runs", "data.out_dir=gs://bucket/data/x"])
     assert cfg.cluster.storage_path == "s3://bucket/runs" and cfg.data.out_dir == "gs://bucket/data/x"
+
+
+@pytest.mark.parametrize("mode, setting, stage, expected", [
+    ("bf16", "auto", 0, "bf16"), ("bf16", "auto", 1, "bf16"), ("bf16", "auto", 2, "fp32"), ("bf16", "auto", 3, "fp32"),
+    ("bf16", "bf16", 2, "bf16"), ("bf16", "fp32", 2, "fp32"),
+    ("fp32", "bf16", 2, "fp32"), ("bf16-autocast", "auto", 0, "fp32"),  # fp32 weights: fp32 gradients
+])
+def test_gradients_accumulate_in_fp32_in_bf16_mode_where_deepspeed_can(mode, setting, stage, expected):
+    from sheepop.config import grad_accum_dtype
+
+    assert grad_accum_dtype(mode, setting, stage) == expected
+
+
+def test_bf16_mode_sends_the_accumulation_dtype_to_deepspeed():
+    from sheepop.train.engine import deepspeed_config
+
+    for stage, setting, expected in ((2, "auto", "fp32"), (2, "bf16", "bf16"), (1, "auto", "bf16"), (0, "auto", "bf16")):
+        cfg = compose(["model=tiny", "trainer.precision=bf16", f"parallelism.zero_stage={stage}",
+                       f"trainer.grad_accum_dtype={setting}"])
+        assert deepspeed_config(cfg, batch_plan(cfg, 1))["data_types"] == {"grad_accum_dtype": expected}
+    fp32 = compose(["model=tiny", "trainer.precision=fp32"])
+    assert "data_types" not in deepspeed_config(fp32, batch_plan(fp32, 1))

@@ -113,11 +113,11 @@ def test_a_gpt2_folder_is_refused_in_one_line_by_import_and_train(tmp_path):
 
 def test_init_from_sets_the_model_and_tokenizer_and_refuses_a_shape_the_command_line_chose(tmp_path):
     save_llama(tmp_path, tie=False)
-    cfg = compose([f"trainer.init_from=hf:{tmp_path}", "model.init_std=0.01"])  # the default preset
+    cfg = compose([f"trainer.init_from=hf:{tmp_path}", "model.activation_checkpointing=full"])  # the default preset
     m = cfg.model
     assert (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff, m.max_seq_len) == (
         320, 64, 2, 4, 2, 160, 128)
-    assert (m.rope_theta, m.norm_eps, m.tie_embeddings, m.init_std) == (5000.0, 1e-5, False, 0.01)
+    assert (m.rope_theta, m.norm_eps, m.tie_embeddings, m.activation_checkpointing) == (5000.0, 1e-5, False, "full")
     assert cfg.tokenizer.path == str(tmp_path / "tokenizer.json") and cfg.tokenizer.vocab_size == 320
     with pytest.raises(UserError, match=f"model.vocab_size=1024 but {tmp_path}/config.json has 320; .* drop "
                                         "model.vocab_size"):

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sheepop"
 LAYERS = [
     ("sheepop", "sheepop.errors", "sheepop.units", "sheepop.net", "sheepop.compat", "sheepop.logs",
      "sheepop.storage", "sheepop.extensions"),
-    ("sheepop.model.config", "sheepop.config"),
+    ("sheepop.model.config", "sheepop.model.hf_config", "sheepop.config"),
     ("sheepop.perf", "sheepop.plan", "sheepop.model", "sheepop.data"),
     ("sheepop.train",),
     ("sheepop.monitor",),

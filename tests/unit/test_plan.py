@@ -9,8 +9,10 @@ import torch
 from sheepop import plan
 from sheepop.cli import main as cli
 from sheepop.config import compose
-from sheepop.model.config import ModelConfig
+from sheepop.model.config import ModelConfig, checkpointed_layers
 from sheepop.model.transformer import Transformer
+from sheepop.train import activation_checkpointing
+from tests.helpers import saved_bytes
 
 
 def _cfg(*overrides: str):
@@ -57,40 +59,40 @@ def test_llama_7b_plan_matches_hand_counts(capsys):
 # Activations vs what autograd saves
 
 
-def _saved_bytes(model: Transformer, idx: torch.Tensor, precision: str) -> int:
-    seen: dict[int, int] = {}
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # counted elsewhere
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in weights:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
-        model(idx, idx)
-    return sum(seen.values())
-
-
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
 @pytest.mark.parametrize("precision", plan.MODES)
 @pytest.mark.parametrize("shape", [
     dict(vocab_size=4096, d_model=384, n_layers=4, n_heads=6, n_kv_heads=2, d_ff=1024),  # GQA, like small
     dict(vocab_size=2048, d_model=256, n_layers=3, n_heads=4, n_kv_heads=4, d_ff=1536, tie_embeddings=False),
 ])
-def test_activation_estimate_matches_autograd_saved_tensors(shape, precision):
-    args = ModelConfig(max_seq_len=256, **shape)
+def test_activation_estimate_matches_autograd_saved_tensors(shape, precision, checkpointing):
+    """With activation checkpointing: what the forward saves (checkpointed blocks: their inputs)
+    plus what one block saves again while it is recomputed in backward."""
+    args = ModelConfig(max_seq_len=256, activation_checkpointing=checkpointing, **shape)
     torch.manual_seed(0)
     model = Transformer(args)
+    activation_checkpointing.apply(model, checkpointing, args.activation_checkpointing_every)
+    ckpt = len(checkpointed_layers(args.n_layers, checkpointing, args.activation_checkpointing_every))
     if precision == "bf16":  # what DeepSpeed's bf16 mode does: parameters cast, buffers kept fp32
         for p in model.parameters():
             p.data = p.data.bfloat16()
     idx = torch.randint(0, args.vocab_size, (2, 256))
-    measured = _saved_bytes(model, idx, precision)
+    measured = saved_bytes(model, idx, precision) + (saved_bytes(model, idx, precision, block=0) if ckpt else 0)
     matrices = sum(p.numel() for p in model.parameters() if p.dim() >= 2)
-    weight_copies = 2 * matrices if precision == "bf16-autocast" else 0  # the plan counts these separately
+    block_matrices = sum(p.numel() for p in model.layers[0].parameters() if p.dim() >= 2)
+    kept = matrices - max(ckpt - 1, 0) * block_matrices  # checkpointed blocks': one at a time, recomputing
+    weight_copies = 2 * kept if precision == "bf16-autocast" else 0  # the plan counts these separately
     est = plan.activation_bytes(args, 2, 256, precision)["saved"]
     assert est == pytest.approx(measured - weight_copies, rel=0.1)
+
+
+def test_plan_shows_less_activation_memory_with_checkpointing(capsys):
+    base = ["model=llama-1b", "cluster.gpu=h100-80gb"]
+    act = {mode: plan.summary(_cfg(*base, f"model.activation_checkpointing={mode}"))["chosen"]["activations"]
+           for mode in ("none", "selective", "full")}
+    assert act["full"] < act["selective"] < act["none"], act
+    assert cli(["plan", *base, "model.activation_checkpointing=full"]) == 0
+    assert "bf16, AdamW, activation checkpointing full)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------
