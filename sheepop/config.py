@@ -70,6 +70,9 @@ class DataConfig:
     shard_tokens: int = 16_777_216  # tokens per shard file
     out_dir: str = "outputs/data/${data.name}-v${tokenizer.vocab_size}"  # shards + manifest.json (a folder or s3://...); reused when inputs match
     num_workers: int = 1  # prepare workers: 1 = in this process, >= 2 = Ray Data actors
+    # Training only (shards are the same): attend within a document, RoPE positions restart at each
+    # <|endoftext|>; off = plain causal attention over the whole window (today's path).
+    document_mask: bool = False
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 

@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("sheepop.cli.prepare:main", "read, tokenize and shard the corpus (data=..., tokenizer=...)"),
     "plan": ("sheepop.cli.plan:main", "parameters, FLOPs, memory per GPU and time, without starting anything"),
     "generate": ("sheepop.cli.generate:main", "sample from a trained run: run.dir=DIR prompt='def '"),
-    "eval": ("sheepop.cli.eval:main", "loss and perplexity of a run on a split or files: run.dir=DIR [data=...]"),
+    "eval": ("sheepop.cli.eval:main", "loss and perplexity of a run (run.dir=DIR [data=...]), or lm-eval tasks (tasks=NAME[,NAME])"),
     "export": ("sheepop.cli.export:main", "export weights: run.dir=DIR format=hf out=DIR | format=pt [out=FILE]"),
     "import": ("sheepop.cli.import_hf:main", "import a Hugging Face Llama folder: sheepop import DIR out=RUN_DIR"),
     "watch": ("sheepop.cli.watch:main", "live view of a running job's metrics.jsonl: sheepop watch RUN_DIR"),

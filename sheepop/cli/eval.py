@@ -6,6 +6,11 @@ data.* key) it prepares that file set the way training would, but with the run's
 (tokenizer.path = the checkpoint's tokenizer.json), in a temporary folder, and scores every
 token of it. Windows are consecutive and non-overlapping (seq_len inputs + 1 target each), so
 the number is a deterministic mean over the first max_tokens tokens, not a random sample.
+
+`sheepop eval run.dir=DIR tasks=python_mc[,...] [limit=N] [num_fewshot=K]` runs downstream tasks
+with EleutherAI's lm-evaluation-harness instead (the `eval` extra; sheepop.model.lm_eval_adapter):
+the tasks shipped in sheepop/eval_tasks, offline. It prints task, metric, value and stderr and
+writes the harness's results to RUN/eval/lm_eval_<tasks>.json.
 """
 from __future__ import annotations
 
@@ -19,9 +24,14 @@ import numpy as np
 from sheepop.cli.args import parse_kv, require, wants_help
 from sheepop.errors import UserError
 
-OPTS = {"run.dir": str, "split": str, "max_tokens": int, "batch_size": int, "seq_len": int}
+OPTS = {"run.dir": str, "split": str, "max_tokens": int, "batch_size": int, "seq_len": int, "tasks": str,
+        "limit": int, "num_fewshot": int}
 USAGE = ("usage: sheepop eval run.dir=DIR [split=val|train] [max_tokens=200000] [batch_size=8] [seq_len=N]\n"
-         "       sheepop eval run.dir=DIR data=files \"data.paths=[notes/,src/**/*.py]\"   (any data.* override)")
+         "       sheepop eval run.dir=DIR data=files \"data.paths=[notes/,src/**/*.py]\"   (any data.* override)\n"
+         "       sheepop eval run.dir=DIR tasks=python_mc[,TASK...] [limit=N] [num_fewshot=K] [batch_size=8]"
+         "   (lm-evaluation-harness)")
+TASK_ONLY = ("tasks", "limit", "num_fewshot")
+LOSS_ONLY = ("split", "max_tokens", "seq_len")
 DEFAULT_MAX_TOKENS = 200_000
 
 
@@ -151,6 +161,60 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
             "seconds": time.time() - t0}
 
 
+def _results_location(run_dir: str, checkpoint: str) -> str:
+    """The run's folder for eval/: the one above checkpoints/step_N, model.pt's folder, else run.dir."""
+    from sheepop import storage
+
+    ckpt = storage.normalize(checkpoint).rstrip("/")
+    parent = ckpt.rsplit("/", 1)[0] if "/" in ckpt else "."
+    if storage.name(parent) == "checkpoints":
+        return parent.rsplit("/", 1)[0] if "/" in parent else "."
+    if storage.name(ckpt) == "model.pt":
+        return parent
+    return run_dir
+
+
+def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, num_fewshot: int | None = None,
+                  batch_size: int = 8) -> dict:
+    """Run lm-evaluation-harness tasks shipped with sheepop on a run's latest checkpoint; returns
+    {"rows": [(task, metric, value, stderr)], "results": the harness's dict, "out": the JSON written, ...}."""
+    import json
+
+    from sheepop import storage
+    from sheepop.train.checkpoint import load_model
+
+    try:
+        from sheepop.model import lm_eval_adapter as adapter
+    except ImportError as e:
+        raise UserError(f"tasks= needs EleutherAI's lm-evaluation-harness ({e}); install it with "
+                        "pip install 'sheepop[eval]' (or pip install 'lm-eval>=0.4')") from None
+    valid = adapter.available_tasks()
+    unknown = [t for t in tasks if t not in valid]
+    if unknown:
+        raise UserError(f"tasks={','.join(tasks)}: no such task {', '.join(unknown)}; valid: {', '.join(valid)}")
+    model, tok, meta = load_model(run_dir)
+    t0 = time.time()
+    results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot)
+    rows = adapter.result_rows(results)
+    out = storage.join(_results_location(run_dir, meta["path"]), "eval", f"lm_eval_{'+'.join(tasks)}.json")
+    record = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "step": meta["step"],
+              "checkpoint": meta["path"], "seconds": time.time() - t0,
+              "table": [dict(zip(("task", "metric", "value", "stderr"), r)) for r in rows],
+              "lm_eval": {k: results.get(k) for k in ("results", "versions", "n-shot", "higher_is_better",
+                                                      "n-samples", "config", "lm_eval_version", "date")
+                          if k in results}}
+    storage.write_text(out, json.dumps(record, indent=2, default=str) + "\n")
+    return {"rows": rows, "results": results, "out": out, "step": meta["step"], "seconds": record["seconds"]}
+
+
+def format_table(rows: list[tuple[str, str, float, float | None]]) -> str:
+    header = ("task", "metric", "value", "stderr")
+    cells = [header] + [(t, m, f"{v:.4f}", "" if e is None else f"{e:.4f}") for t, m, v, e in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(4)]
+    return "\n".join("  ".join(c[i].ljust(widths[i]) if i < 2 else c[i].rjust(widths[i]) for i in range(4)).rstrip()
+                     for c in cells)
+
+
 def main(argv: list[str]) -> int:
     if wants_help(argv):
         print(USAGE)
@@ -162,6 +226,24 @@ def main(argv: list[str]) -> int:
         raise UserError("split= scores the run's own data; with data=... every token of the files is scored")
     if o.get("max_tokens", 1) < 1 or o.get("batch_size", 1) < 1:
         raise UserError("max_tokens and batch_size must be >= 1")
+    if "tasks" in o:
+        clash = [k for k in LOSS_ONLY if k in o] + (["data=..."] if data_overrides else [])
+        if clash:
+            raise UserError(f"tasks= runs lm-evaluation-harness tasks; {', '.join(clash)} belong to the loss "
+                            "evaluation (drop them or tasks=)")
+        tasks = [t.strip() for t in o["tasks"].split(",") if t.strip()]
+        if not tasks:
+            raise UserError("tasks= is empty; name at least one task (e.g. tasks=python_mc)")
+        if o.get("limit", 1) < 1 or o.get("num_fewshot", 0) < 0:
+            raise UserError("limit must be >= 1 and num_fewshot >= 0")
+        r = lm_eval_tasks(o["run.dir"], tasks, limit=o.get("limit"), num_fewshot=o.get("num_fewshot"),
+                          batch_size=o.get("batch_size", 8))
+        print(format_table(r["rows"]))
+        print(f"step {r['step']}, {r['seconds']:.1f}s; results: {r['out']}")
+        return 0
+    stray = [k for k in TASK_ONLY if k in o]
+    if stray:
+        raise UserError(f"{', '.join(stray)} go with tasks=...; valid without it: {', '.join(k for k in OPTS if k not in TASK_ONLY)}")
     r = evaluate(o["run.dir"], split=o.get("split", "val"), data_overrides=data_overrides,
                  max_tokens=o.get("max_tokens", DEFAULT_MAX_TOKENS), batch_size=o.get("batch_size", 8),
                  seq_len=o.get("seq_len", 0))

@@ -27,6 +27,17 @@ def data_step(step: int, skipped: list[int] | set[int]) -> int:
     return window
 
 
+def document_ids(x: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(B, T) index of the document each input position belongs to, counted from 0 in each window
+    (data.document_mask; the model builds its attention mask and positions from it).
+
+    The data pipeline puts <|endoftext|> after every document, so an EOT token closes its
+    document and belongs to it (the token after it starts the next one): the id is the number of
+    EOTs strictly before the position. The first document of a window is usually a tail."""
+    eot = (x == eot_id).long()
+    return eot.cumsum(dim=1) - eot
+
+
 class TokenWindows:
     def __init__(self, data_dir: str | Path, manifest: dict, split: str, seq_len: int):
         self.seq_len = seq_len

@@ -27,8 +27,8 @@ from sheepop.data import ingest, tokenizer as toklib
 from sheepop.data.pipeline import MANIFEST_VERSION, build
 from sheepop.errors import UserError
 
-# Settings that change how fast the shards are made, never what they hold.
-NOT_CONTENT = ("out_dir", "num_workers")
+# Settings that change how fast the shards are made, or how training reads them, never what they hold.
+NOT_CONTENT = ("out_dir", "num_workers", "document_mask")
 
 
 def fingerprint(cfg) -> str:

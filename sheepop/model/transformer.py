@@ -51,6 +51,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
 
 
+def document_attention(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-document RoPE positions (B, T) and attention mask (B, 1, T, T) from doc_ids (B, T).
+
+    Query i may attend to key j when j <= i and both lie in the same document (block-diagonal
+    causal). A query sees exactly the tokens of its document up to itself, so its position within
+    the document is that count minus one: positions restart at 0 where each document starts."""
+    T = doc_ids.shape[1]
+    i = torch.arange(T, device=doc_ids.device)
+    mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (i[None, :] <= i[:, None])
+    return mask.sum(-1) - 1, mask[:, None]
+
+
 class KVCache:
     """Keys and values of past positions for every layer, so each new token costs one position.
 
@@ -156,13 +168,19 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 cache: KVCache | None = None, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None):
+                mask: torch.Tensor | None = None, doc_ids: torch.Tensor | None = None):
         """Logits (B, T, vocab), or the mean next-token cross-entropy when targets are given.
 
         positions: (T,) or (B, T) absolute positions (default: cache length onwards); mask: an optional
         boolean (B, 1, T, S) attention mask for padded batches, True = may attend.
+        doc_ids: (B, T) document index of each position (data.document_mask; see
+        sheepop.data.loader.document_ids): a token attends only to earlier tokens of its own
+        document and RoPE positions restart at 0 in each; it replaces positions and mask (training
+        and evaluation only: generation with a cache leaves it None).
         """
         T = idx.shape[1]
+        if doc_ids is not None:
+            positions, mask = document_attention(doc_ids)
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
@@ -189,6 +207,9 @@ def num_params(args: ModelConfig, embedding: bool = True) -> int:
 
 def flops_per_token(args: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), PaLM appendix B style:
-    6 × non-embedding params (the output head counts) + 12 · layers · d · seq for attention scores."""
+    6 × non-embedding params (the output head counts) + 12 · layers · d · seq for attention scores.
+
+    With data.document_mask the attention work depends on where documents end in each window; the
+    whole window is still counted, as without it, so MFU is then an upper bound of the work done."""
     matmul_params = num_params(args, embedding=False) + (args.vocab_size * args.d_model if args.tie_embeddings else 0)
     return 6 * matmul_params + 12 * args.n_layers * args.d_model * seq_len

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sheepop.data.loader import TokenWindows, data_step
+from sheepop.data.loader import TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, flops_per_token
@@ -86,6 +86,9 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     state["wandb_id"] = sink.wandb_id
     stop = StopRequest(run_dir, plan.stop_channel, rank)
     fpt = flops_per_token(args, seq)
+    # data.document_mask: each forward gets doc_ids (nothing when off: today's call, unchanged)
+    eot = manifest["tokenizer"]["eot_id"] if cfg.data.document_mask else None
+    docs = (lambda x: {"doc_ids": document_ids(x, eot).to(device)}) if eot is not None else (lambda x: {})
     guard = DivergenceGuard(args.vocab_size)
     spikes = SpikeDetector(window=t_cfg.spike_window, min_history=t_cfg.spike_min_history, z_threshold=t_cfg.spike_z)
     spikes.load_state_dict(state["spike"])
@@ -98,7 +101,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             for x, y in val_data.val_batches(seed, rank=rank, world=world, micro=micro,
                                              batches=t_cfg.eval_batches):
                 with autocast():
-                    total += torch.stack([engine(x.to(device), y.to(device)).float() * len(x),
+                    total += torch.stack([engine(x.to(device), y.to(device), **docs(x)).float() * len(x),
                                           torch.tensor(float(len(x)), device=device)])
         dist.all_reduce(total)
         engine.train()
@@ -156,7 +159,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             if debug and debug.spike_at_step == window + 1:  # debug.spike_at_step: this window's targets are noise
                 y = torch.randint(0, args.vocab_size, y.shape, generator=torch.Generator().manual_seed(seed + m))
             with autocast():
-                loss = engine(x.to(device), y.to(device))
+                loss = engine(x.to(device), y.to(device), **docs(x))
             watchdog.beat("backward", step)  # where ranks wait for each other's gradients
             engine.backward(loss)
             loss_sum += loss.detach().float()
@@ -253,7 +256,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
 
     profiler.close()
     watchdog.close()  # what follows waits on uploads, which have no step-sized timeout
-    probe = _probe_loss(engine, val_data, seed, micro, autocast, device)
+    probe = _probe_loss(engine, val_data, seed, micro, autocast, device, docs)
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=state["step"], world_size=world,
                  attempt=state["attempt"], probe_loss=probe)
     if uploads is not None:
@@ -310,10 +313,10 @@ def _grad_norm(engine) -> float | None:
     return float(norm.item() if torch.is_tensor(norm) else norm)
 
 
-def _probe_loss(engine, val_data: TokenWindows, seed: int, micro: int, autocast, device) -> float:
+def _probe_loss(engine, val_data: TokenWindows, seed: int, micro: int, autocast, device, docs) -> float:
     """Loss of the final weights on one fixed batch, identical on every rank: ranks (and ZeRO
     stages) that hold the same model report the same number."""
     x, y = next(val_data.val_batches(seed, rank=0, world=1, micro=micro, batches=1))
     engine.eval()
     with torch.no_grad(), autocast():
-        return engine(x.to(device), y.to(device)).float().item()
+        return engine(x.to(device), y.to(device), **docs(x)).float().item()

@@ -85,3 +85,30 @@ def test_file_set_is_tokenized_with_the_runs_tokenizer(run, tmp_path):
 def test_bad_input_is_one_line(run, args, needle):
     r = sheepop("eval", f"run.dir={run}", *args)
     assert needle in one_error_line(r)
+
+
+def test_lm_eval_task_on_the_run(run):
+    """`tasks=`: lm-evaluation-harness on the shipped python_mc task, offline; a table and a JSON."""
+    pytest.importorskip("lm_eval")
+    r = sheepop("eval", f"run.dir={run}", "tasks=python_mc", "limit=6", "batch_size=4",
+                env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert re.search(r"^python_mc\s+acc\s+[01]\.\d{4}\s+\d\.\d{4}$", r.stdout, re.M), r.stdout
+    out = run / "eval" / "lm_eval_python_mc.json"
+    assert str(out) in r.stdout
+    rec = json.loads(out.read_text())
+    assert rec["limit"] == 6 and rec["tasks"] == ["python_mc"]
+    [row] = rec["table"]
+    assert row["metric"] == "acc" and 0.0 <= row["value"] <= 1.0
+    assert rec["lm_eval"]["results"]["python_mc"]["sample_len"] == 6
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["tasks=nope"], "no such task nope; valid: python_mc"),
+    (["tasks=python_mc", "split=val"], "split belong to the loss evaluation"),
+    (["limit=3"], "limit go with tasks=..."),
+])
+def test_lm_eval_bad_input_is_one_line(run, args, needle):
+    pytest.importorskip("lm_eval")
+    r = sheepop("eval", f"run.dir={run}", *args, timeout=300)
+    assert needle in one_error_line(r)
