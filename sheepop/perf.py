@@ -117,29 +117,55 @@ def measure_cpu_peak(dtype: torch.dtype | None = None, size: int = PROBE_SIZE,
     return 2 * size**3 / best
 
 
-def cpu_peak(half: bool) -> float:
-    """Cached measured CPU peak for bf16 (half) or fp32 at the current thread count."""
+def _cpu_key(half: bool) -> tuple[str, "torch.dtype"]:
     import torch
 
     dtype = torch.bfloat16 if half else torch.float32
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__.split('+')[0]}|probe=2"
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|{dtype}|torch={torch.__version__.split('+')[0]}|probe=2", dtype
+
+
+def _read_cache() -> dict:
+    try:
+        return json.loads(cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(cached: dict) -> None:
+    path = cache_path()
+    try:  # concurrent ranks may race here: write a temp file and rename (atomic on POSIX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home still gets a number, measured once per process
+
+
+def cpu_peak(half: bool) -> float:
+    """Cached measured CPU peak for bf16 (half) or fp32 at the current thread count."""
+    key, dtype = _cpu_key(half)
     if key in _memo:
         return _memo[key]
-    path = cache_path()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = _read_cache()
     if key not in cached:
         cached[key] = measure_cpu_peak(dtype)
-        try:  # concurrent ranks may race here: write a temp file and rename (atomic on POSIX)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cached, indent=1))
-            tmp.replace(path)
-        except OSError:
-            pass  # a read-only home still gets a number, measured once per process
+        _write_cache(cached)
     _memo[key] = cached[key]
+    return cached[key]
+
+
+def raise_cpu_peak(half: bool, achieved: float) -> float:
+    """A training step beat the cached peak: the probe ran on a busy machine (other processes
+    held the cores), so its number was too low and MFU came out above 100% (194% in a demo).
+    Probe again, now, and keep the larger of that and what the step achieved (a lower bound of
+    the peak), here and in the cache."""
+    key, dtype = _cpu_key(half)
+    if achieved <= cpu_peak(half):
+        return _memo[key]
+    cached = _read_cache()
+    cached[key] = _memo[key] = max(measure_cpu_peak(dtype), achieved)
+    _write_cache(cached)
     return cached[key]
 
 

@@ -206,6 +206,9 @@ def step_extras(*, flops_per_token: float, tokens_per_sec: float, world_size: in
     """
     device = torch.device(device)
     peak, _ = perf.peak_flops(device, precision)
+    achieved = flops_per_token * tokens_per_sec / world_size  # per rank
+    if device.type == "cpu" and peak and achieved > peak:  # the cached probe ran on a busy machine
+        peak = perf.raise_cpu_peak(perf.is_half(precision), achieved)
     if device.type == "cuda":  # the step's peak: what decides an out-of-memory
         mem = torch.cuda.max_memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
