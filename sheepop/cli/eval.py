@@ -181,6 +181,7 @@ def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, n
     import json
 
     from sheepop import storage
+    from sheepop.logs import logs_dir, output_to
     from sheepop.train.checkpoint import load_model
 
     try:
@@ -194,9 +195,13 @@ def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, n
         raise UserError(f"tasks={','.join(tasks)}: no such task {', '.join(unknown)}; valid: {', '.join(valid)}")
     model, tok, meta = load_model(run_dir)
     t0 = time.time()
-    results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot)
+    where = _results_location(run_dir, meta["path"])
+    # The harness's progress bars and the git it runs for its own version go to the run's log, not the screen.
+    log = (Path(tempfile.gettempdir()) if storage.is_uri(where) else logs_dir(where)) / "lm_eval.log"
+    with output_to(log):
+        results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot)
     rows = adapter.result_rows(results)
-    out = storage.join(_results_location(run_dir, meta["path"]), "eval", f"lm_eval_{'+'.join(tasks)}.json")
+    out = storage.join(where, "eval", f"lm_eval_{'+'.join(tasks)}.json")
     record = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "step": meta["step"],
               "checkpoint": meta["path"], "seconds": time.time() - t0,
               "table": [dict(zip(("task", "metric", "value", "stderr"), r)) for r in rows],

@@ -101,6 +101,8 @@ def test_lm_eval_task_on_the_run(run):
     [row] = rec["table"]
     assert row["metric"] == "acc" and 0.0 <= row["value"] <= 1.0
     assert rec["lm_eval"]["results"]["python_mc"]["sample_len"] == 6
+    # The harness's progress bars (and the git it runs) go to the run's log, not the user's screen.
+    assert "it/s" not in r.stdout + r.stderr and "it/s" in (run / "logs" / "lm_eval.log").read_text()
 
 
 @pytest.mark.parametrize("args, needle", [
