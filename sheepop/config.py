@@ -84,6 +84,10 @@ class TokenizerConfig:
     vocab_size: int = "${model.vocab_size}"  # type: ignore[assignment]  # follows the model
     train_bytes: int = 8_000_000  # train the BPE on (at most) this many bytes of the corpus
     special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    # The document separator: put after every document by `prepare`, where generation stops,
+    # data.document_mask's boundary. trainer.init_from=hf:DIR sets it from config.json's
+    # eos_token_id when the folder's tokenizer has no <|endoftext|> (Llama's </s>, <|end_of_text|>).
+    eot_token: str = "<|endoftext|>"
 
 
 # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32

@@ -193,13 +193,16 @@ def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, n
     unknown = [t for t in tasks if t not in valid]
     if unknown:
         raise UserError(f"tasks={','.join(tasks)}: no such task {', '.join(unknown)}; valid: {', '.join(valid)}")
+    from sheepop.data.tokenizer import eot_token
+
     model, tok, meta = load_model(run_dir)
     t0 = time.time()
     where = _results_location(run_dir, meta["path"])
     # The harness's progress bars and the git it runs for its own version go to the run's log, not the screen.
     log = (Path(tempfile.gettempdir()) if storage.is_uri(where) else logs_dir(where)) / "lm_eval.log"
     with output_to(log):
-        results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot)
+        results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
+                                    eot=eot_token(meta["config"]))
     rows = adapter.result_rows(results)
     out = storage.join(where, "eval", f"lm_eval_{'+'.join(tasks)}.json")
     record = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "step": meta["step"],

@@ -28,8 +28,10 @@ def export_hf(run_dir: str, out: Path, *, dtype: str = "fp32", force: bool = Fal
 
     if out.exists() and not force:
         raise UserError(f"out={out} already exists; pass --force to replace it")
+    from sheepop.data.tokenizer import eot_token
+
     model, tok, meta = load_model(run_dir)
-    write_hf(model, tok, out, dtype=dtype)
+    write_hf(model, tok, out, dtype=dtype, eot=eot_token(meta["config"]))
     return meta
 
 

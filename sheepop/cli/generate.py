@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
     for key, ok, valid in RANGES:
         if key in o and not ok(o[key]):
             raise UserError(f"{key}={o[key]}: must be {valid}")
+    from sheepop.data.tokenizer import eot_token
     from sheepop.model.generate import PromptError, complete, encode_prompt
     from sheepop.train.checkpoint import load_model
 
@@ -34,7 +35,7 @@ def main(argv: list[str]) -> int:
         raise UserError(str(e)) from None
     temperature = 0.0 if o.get("greedy") else o.get("temperature", 0.8)
     texts = complete(model, tok, ids, o.get("max_new_tokens", 100), num_samples=o.get("num_samples", 1),
-                     heal=o.get("heal", True), temperature=temperature, top_k=o.get("top_k", 40),
+                     heal=o.get("heal", True), eot=eot_token(meta["config"]), temperature=temperature, top_k=o.get("top_k", 40),
                      top_p=o.get("top_p", 1.0), seed=o.get("seed", 0), use_cache=not o.get("no_cache"))
     for i, text in enumerate(texts):
         if len(texts) > 1:

@@ -83,7 +83,7 @@ def build(cfg: dict, work: Path, fp: str, log, progress: bool | None) -> dict:
         vocab = tok.get_vocab_size()
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         units = _units(cur["split"])
-        _tokenize_units(units, work, tok, dtype, ex, ui)
+        _tokenize_units(units, work, tok, toklib.eot_id(tok, toklib.eot_token(cfg)), dtype, ex, ui)
         seconds["tokenize"] = round(time.time() - t, 3)
     t = time.time()
     splits = {}
@@ -108,7 +108,8 @@ def build(cfg: dict, work: Path, fp: str, log, progress: bool | None) -> dict:
         "bytes": kept_bytes,
         "tokens": total_tokens,
         "tokenizer": {"file": "tokenizer.json", "sha256_16": toklib.file_hash(work / "tokenizer.json"),
-                      "vocab_size": vocab, "eot_id": toklib.eot_id(tok)},
+                      "vocab_size": vocab, "eot_token": toklib.eot_token(cfg),
+                      "eot_id": toklib.eot_id(tok, toklib.eot_token(cfg))},
         "splits": splits,
         "funnel": funnel,
         "skipped": cur["skipped"],
@@ -195,7 +196,7 @@ def _tokenizer(cfg: dict, work: Path, train_docs: list[dict], log):
             path.with_suffix(".part").rename(path)
             log(f"tokenizer: byte-level BPE, {tok.get_vocab_size()} tokens ({time.time() - t:.1f}s)")
     tok = toklib.load(path)
-    toklib.eot_id(tok)
+    toklib.eot_id(tok, toklib.eot_token(cfg))
     return tok
 
 
@@ -225,10 +226,9 @@ def _units(split: dict) -> dict[str, list[tuple[str, list[str]]]]:
     return out
 
 
-def tokenize_texts(texts: list[str], tok_json: str, dtype: str) -> bytes:
-    """Token ids of the texts, <|endoftext|> after each, as raw bytes of `dtype`."""
+def tokenize_texts(texts: list[str], tok_json: str, dtype: str, eot: int) -> bytes:
+    """Token ids of the texts, the document separator `eot` after each, as raw bytes of `dtype`."""
     tok = _load_tokenizer(tok_json)
-    eot = toklib.eot_id(tok)
     parts = []
     for i in range(0, len(texts), ENCODE_BATCH):
         for enc in tok.encode_batch(texts[i:i + ENCODE_BATCH], add_special_tokens=False):
@@ -243,17 +243,17 @@ def _load_tokenizer(tok_json: str):
     return Tokenizer.from_str(tok_json)
 
 
-def tokenizer_factory(tok_json: str, dtype: str):
-    return functools.partial(tokenize_texts, tok_json=tok_json, dtype=dtype)
+def tokenizer_factory(tok_json: str, dtype: str, eot: int):
+    return functools.partial(tokenize_texts, tok_json=tok_json, dtype=dtype, eot=eot)
 
 
-def _tokenize_units(units: dict, work: Path, tok, dtype, ex: Executor, ui: Progress) -> None:
+def _tokenize_units(units: dict, work: Path, tok, eot: int, dtype, ex: Executor, ui: Progress) -> None:
     """Stage 5: tokenize every unit whose file is missing; each file appears complete or not at all."""
     udir = work / "units"
     udir.mkdir(exist_ok=True)
     todo = [(k, texts) for parts in units.values() for k, texts in parts if not (udir / f"{k}.bin").is_file()]
     total = sum(len(p) for p in units.values())
-    factory = functools.partial(tokenizer_factory, tok.to_str(), np.dtype(dtype).name)
+    factory = functools.partial(tokenizer_factory, tok.to_str(), np.dtype(dtype).name, eot)
     with ui.stage("tokenize", total) as advance:
         advance(total - len(todo))
         for i, data in ex.map(factory, [texts for _, texts in todo]):

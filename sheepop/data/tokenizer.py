@@ -49,8 +49,20 @@ def file_hash(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def eot_id(tok: Tokenizer) -> int:
-    i = tok.token_to_id(EOT)
+def eot_token(cfg) -> str:
+    """The document separator of a config (a Config, or the plain dict a run or checkpoint saved;
+    runs from before tokenizer.eot_token existed used <|endoftext|>)."""
+    tok = cfg["tokenizer"] if isinstance(cfg, dict) else cfg.tokenizer
+    return (tok.get("eot_token") if isinstance(tok, dict) else tok.eot_token) or EOT
+
+
+def eot_id(tok: Tokenizer, token: str = EOT) -> int:
+    """The id of the document separator (tokenizer.eot_token); one line when the tokenizer lacks it."""
+    i = tok.token_to_id(token)
     if i is None:
-        raise ValueError(f"tokenizer has no {EOT} token")
+        from sheepop.errors import UserError
+
+        specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special][:8]
+        raise UserError(f"tokenizer.eot_token={token}: not a token of this tokenizer, and sheepop puts it "
+                        f"between documents; valid: one of its tokens, e.g. its special tokens {specials}")
     return i

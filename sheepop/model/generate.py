@@ -147,13 +147,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def complete(model: Transformer, tok, ids: list[int], max_new_tokens: int, *, num_samples: int = 1,
-             heal: bool = True, **kwargs) -> list[str]:
-    """Texts of `num_samples` continuations of the prompt ids (prompt included), with token
-    healing unless heal=False. kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
+             heal: bool = True, eot: str = "<|endoftext|>", **kwargs) -> list[str]:
+    """Texts of `num_samples` continuations of the prompt ids (prompt included), each ending at the
+    document separator `eot` (the run's tokenizer.eot_token), with token healing unless heal=False.
+    kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
     allowed = None
     if heal:
         ids, allowed, _ = heal_prompt(tok, ids)
     max_new_tokens = max(1, min(max_new_tokens, model.args.max_seq_len - len(ids) - 1))
     outs = generate(model, [ids] * num_samples, max_new_tokens, first_allowed=allowed,
-                    eos_id=tok.token_to_id("<|endoftext|>"), **kwargs)
+                    eos_id=tok.token_to_id(eot), **kwargs)
     return [tok.decode(ids + out) for out in outs]

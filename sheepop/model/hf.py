@@ -115,8 +115,8 @@ def from_hf_state_dict(hf_sd: dict, args: ModelConfig, where: str = "the checkpo
     return sd
 
 
-def hf_config(args, tok, dtype: str) -> dict:
-    eos, pad = tok.token_to_id(EOT), tok.token_to_id(PAD)
+def hf_config(args, tok, dtype: str, eot: str = EOT) -> dict:
+    eos, pad = tok.token_to_id(eot), tok.token_to_id(PAD)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -148,10 +148,10 @@ def hf_config(args, tok, dtype: str) -> dict:
     }
 
 
-def tokenizer_files(tok, max_seq_len: int) -> dict[str, dict]:
+def tokenizer_files(tok, max_seq_len: int, eot: str = EOT) -> dict[str, dict]:
     specials = {}
-    if tok.token_to_id(EOT) is not None:
-        specials["eos_token"] = EOT
+    if tok.token_to_id(eot) is not None:
+        specials["eos_token"] = eot
     if tok.token_to_id(PAD) is not None:
         specials["pad_token"] = PAD
     config = {
@@ -165,8 +165,9 @@ def tokenizer_files(tok, max_seq_len: int) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
-def write_hf(model, tok, out: Path, *, dtype: str = "fp32") -> None:
-    """Write the HF folder for a sheepop Transformer and its tokenizers.Tokenizer, replacing `out`."""
+def write_hf(model, tok, out: Path, *, dtype: str = "fp32", eot: str = EOT) -> None:
+    """Write the HF folder for a sheepop Transformer and its tokenizers.Tokenizer (eot: the run's
+    document separator, HF's eos token), replacing `out`."""
     import torch
     from safetensors.torch import save_file
 
@@ -179,12 +180,12 @@ def write_hf(model, tok, out: Path, *, dtype: str = "fp32") -> None:
         if dtype == "bf16":
             sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = hf_config(model.args, tok, dtype)
+        config = hf_config(model.args, tok, dtype, eot)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         tok.save(str(tmp / "tokenizer.json"))
-        for name, content in tokenizer_files(tok, model.args.max_seq_len).items():
+        for name, content in tokenizer_files(tok, model.args.max_seq_len, eot).items():
             (tmp / name).write_text(json.dumps(content, indent=2))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

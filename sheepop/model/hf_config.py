@@ -115,3 +115,24 @@ def apply_init_from(cfg: "DictConfig", default_model: dict) -> None:
                             "folder with the model's tokenizer.json, or tokenizer.path=FILE")
         cfg.tokenizer.path = str(folder / "tokenizer.json")
     cfg.tokenizer.vocab_size = cfg.model.vocab_size  # its interpolation was resolved with the preset's size
+    cfg.tokenizer.eot_token = document_separator(cfg.tokenizer.path, cfg.tokenizer.eot_token, config)
+
+
+def document_separator(tokenizer_json: str, eot_token: str, config_json: dict) -> str:
+    """The token `prepare` puts between documents for an imported model: the configured one when the
+    tokenizer has it (sheepop's own exports have <|endoftext|>), else the model's end-of-sequence
+    token from config.json (Llama 2's </s>, Llama 3's <|end_of_text|>), which is what it saw
+    between documents in pretraining. A tokenizer.eot_token the command line chose is kept (the
+    driver's check names it when the tokenizer lacks it; <|endoftext|> is TokenizerConfig's default)."""
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(tokenizer_json)
+    except Exception:  # not a tokenizer: the driver's check (checkpoint.check_hf) says so in one line
+        return eot_token
+    eos = config_json.get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos  # Llama 3.1 lists several; the first ends text
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    if eot_token != "<|endoftext|>" or tok.token_to_id(eot_token) is not None or eos not in special:
+        return eot_token
+    return tok.id_to_token(eos)

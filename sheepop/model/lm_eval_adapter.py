@@ -36,17 +36,18 @@ DEFAULT_MAX_GEN_TOKS = 256
 class SheepopLM(LM):
     """A sheepop Transformer and its `tokenizers.Tokenizer` behind lm_eval's LM interface."""
 
-    def __init__(self, model: Transformer, tokenizer, batch_size: int = 8):
+    def __init__(self, model: Transformer, tokenizer, batch_size: int = 8, eot: str = EOT):
         super().__init__()
         self.model = model.eval()
         self.tok = tokenizer
         self.batch_size = max(1, int(batch_size))
         self.max_len = model.args.max_seq_len
         self._device = next(model.parameters()).device
-        eot = tokenizer.token_to_id(EOT)
+        self.eot = eot  # the run's document separator (tokenizer.eot_token)
+        eot_id = tokenizer.token_to_id(eot)
         # The harness scores an empty context from the end-of-text token (its prefix_token_id).
-        self.eot_id = eot if eot is not None else 0
-        self.has_eot = eot is not None
+        self.eot_id = eot_id if eot_id is not None else 0
+        self.has_eot = eot_id is not None
 
     # ----------------------------------------------------------------- helpers
     def encode(self, text: str) -> list[int]:
@@ -142,8 +143,8 @@ class SheepopLM(LM):
             context, kwargs = r.args[0], dict(r.args[1] or {})
             until = kwargs.pop("until", None)
             until = [until] if isinstance(until, str) else list(until or [])
-            if self.has_eot and EOT not in until:
-                until.append(EOT)
+            if self.has_eot and self.eot not in until:
+                until.append(self.eot)
             max_gen = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             if kwargs.get("do_sample") or float(kwargs.get("temperature", 0) or 0) > 0:
                 logging.getLogger(__name__).warning("generate_until: sampling asked for; sheepop decodes greedily")
@@ -188,7 +189,7 @@ def _task_config(name: str, cache_dir: str) -> dict:
 
 
 def run_tasks(model: Transformer, tokenizer, tasks: list[str], *, limit: int | None = None,
-              batch_size: int = 8, num_fewshot: int | None = None) -> dict:
+              batch_size: int = 8, num_fewshot: int | None = None, eot: str = EOT) -> dict:
     """lm_eval.simple_evaluate on shipped tasks; returns its results dict. Unknown names: KeyError
     naming them (the CLI turns it into one line listing the available tasks)."""
     from lm_eval import simple_evaluate
@@ -200,7 +201,7 @@ def run_tasks(model: Transformer, tokenizer, tasks: list[str], *, limit: int | N
         raise KeyError(", ".join(unknown))
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    lm = SheepopLM(model, tokenizer, batch_size=batch_size)
+    lm = SheepopLM(model, tokenizer, batch_size=batch_size, eot=eot)
     import datasets
 
     datasets.disable_progress_bars()  # "Generating test split" for a local file says nothing

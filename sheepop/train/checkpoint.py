@@ -281,9 +281,8 @@ def check_hf(cfg: Config, *, training: bool = True) -> None:
     if tok.get_vocab_size() > cfg.model.vocab_size:  # token ids past the embedding table
         raise UserError(f"tokenizer.path={path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size="
                         f"{cfg.model.vocab_size} ({folder}/config.json); valid: the model's own tokenizer.json")
-    if training and tok.token_to_id(toklib.EOT) is None:  # the data pipeline ends every document with it
-        raise UserError(f"tokenizer.path={path} has no {toklib.EOT} token, which sheepop puts between documents; "
-                        f"valid: a tokenizer.json that has it")
+    if training:  # the data pipeline ends every document with it
+        toklib.eot_id(tok, cfg.tokenizer.eot_token)
 
 
 def load_hf(model: torch.nn.Module, folder: str | Path) -> None:

@@ -117,11 +117,11 @@ def test_a_crash_resumes_from_the_finished_units_and_gives_the_same_bytes(tmp_pa
     class Crash(Exception):
         pass
 
-    def crashing(texts, tok_json, dtype):  # the injected fault: the process dies during the 4th unit
+    def crashing(texts, tok_json, dtype, eot):  # the injected fault: the process dies during the 4th unit
         calls.append(len(texts))
         if len(calls) == 4:
             raise Crash
-        return real(texts, tok_json, dtype)
+        return real(texts, tok_json, dtype, eot)
 
     monkeypatch.setattr(pipeline, "tokenize_texts", crashing)
     cfg = cfg_for([tmp_path / "in"], tmp_path / "out")

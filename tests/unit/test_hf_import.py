@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -172,9 +174,47 @@ def test_the_driver_refuses_a_tokenizer_the_model_or_the_data_pipeline_cannot_us
     save_llama(tmp_path / "small", tie=True, vocab_size=280)  # its tokenizer.json has 287 tokens
     with pytest.raises(UserError, match="has 287 tokens, more than the model's vocab_size=280"):
         check_hf(compose([f"trainer.init_from=hf:{tmp_path / 'small'}"]))
+    # No <|endoftext|>, and config.json's eos_token_id (LlamaConfig's default 2) is a plain byte token.
     save_llama(tmp_path / "no-eot", tie=True)
     train_bpe([TEXT] * 50, 300, ["<|pad|>"]).save(str(tmp_path / "no-eot" / "tokenizer.json"))
     cfg = compose([f"trainer.init_from=hf:{tmp_path / 'no-eot'}"])
-    with pytest.raises(UserError, match="has no <\\|endoftext\\|> token, which sheepop puts between documents"):
+    assert cfg.tokenizer.eot_token == "<|endoftext|>"
+    with pytest.raises(UserError, match="tokenizer.eot_token=<\\|endoftext\\|>: not a token of this tokenizer, "
+                                        "and sheepop puts it between documents; valid: .*'<\\|pad\\|>'"):
         check_hf(cfg)
     check_hf(cfg, training=False)  # sheepop import / generate do without it
+
+
+def test_a_llama_tokenizer_without_endoftext_separates_documents_with_its_eos_token(tmp_path):
+    """Llama's tokenizers end text with </s> or <|end_of_text|>, named by config.json's eos_token_id:
+    that becomes tokenizer.eot_token, `prepare` puts it after every document, export names it."""
+    from sheepop.data.shards import prepare
+    from sheepop.data.tokenizer import train_bpe
+    from sheepop.train.checkpoint import check_hf
+    from tests.helpers.corpora import planted_corpus
+
+    folder = tmp_path / "llama"
+    save_llama(folder, tie=True, eos_token_id=1, bos_token_id=0)
+    tok = train_bpe([TEXT] * 50, 300, ["<s>", "</s>", "<|pad|>"])
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = compose([f"trainer.init_from=hf:{folder}", "data=files", f"data.paths=[{tmp_path / 'in'}]",
+                   f"data.out_dir={tmp_path / 'data'}", "data.val_fraction=0.1"])
+    assert cfg.tokenizer.eot_token == "</s>"
+    check_hf(cfg)
+    # What the command line chose is kept, and refused when the tokenizer lacks it.
+    assert compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot_token='<s>'"]).tokenizer.eot_token == "<s>"
+    with pytest.raises(UserError, match="tokenizer.eot_token=<eot>: not a token"):
+        check_hf(compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot_token='<eot>'"]))
+
+    planted_corpus(tmp_path / "in", n_distinct=40, n_near=0, n_exact=0)
+    m = prepare(cfg, log=lambda *_: None)
+    assert m["tokenizer"]["eot_token"] == "</s>" and m["tokenizer"]["eot_id"] == 1
+    tokens = sum(int((np.fromfile(tmp_path / "data" / s["file"], dtype=m["dtype"]) == 1).sum())
+                 for split in m["splits"].values() for s in split["shards"])
+    assert tokens == m["documents"] == 40  # one separator after each document, nothing else maps to it
+
+    model = imported(folder)
+    write_hf(model, tok, tmp_path / "export", eot="</s>")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["eos_token_id"] == 1
+    assert json.loads((tmp_path / "export" / "special_tokens_map.json").read_text())["eos_token"] == "</s>"
