@@ -56,6 +56,14 @@ class DedupConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One corpus of a data mixture (data.mixture), prepared on its own with `sheepop prepare`."""
+    out_dir: str = ""  # its prepared folder (shards + manifest.json; a folder or s3://...); required
+    weight: float = 1.0  # share of training windows (token weight), normalized over the sources
+    name: str = ""  # in metrics (tokens/<name>, val_loss/<name>) and the report; "" = out_dir's folder name
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING  # preset name; also names the prepared-data folder
     source: str = "stdlib"  # stdlib | files (format by extension) | jsonl (every file is JSON Lines)
@@ -73,6 +81,10 @@ class DataConfig:
     # Training only (shards are the same): attend within a document, RoPE positions restart at each
     # <|endoftext|>; off = plain causal attention over the whole window (today's path).
     document_mask: bool = False
+    # Train on several prepared corpora (same tokenizer), each window's source drawn by weight:
+    # data.mixture=[{out_dir: data/code, weight: 0.7}, {out_dir: data/prose, weight: 0.3}].
+    # Empty = the one corpus above (data.out_dir, prepared when missing). Set: nothing is prepared.
+    mixture: list[MixtureSource] = field(default_factory=list)
     clean: CleanConfig = field(default_factory=CleanConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
 
@@ -117,6 +129,11 @@ class TrainerConfig:
     grad_accum_dtype: str = "auto"  # bf16 mode: what gradients accumulate and reduce in; auto = fp32 at ZeRO 2-3, bf16 at stages 0-1 (see config.grad_accum_dtype) | fp32 | bf16
     eval_every: int = 50  # steps between validation passes (0 = only at the end)
     eval_batches: int = 8  # micro-batches per validation pass
+    # lm-evaluation-harness tasks (shipped in sheepop/eval_tasks) scored on a checkpoint every
+    # eval_tasks_every steps (such steps save one), in a background process: training does not wait
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0  # steps between task evaluations (needs eval_tasks; 0 = off)
+    eval_tasks_limit: int = 0  # examples per task (0 = all)
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept
     log_every: int = 1  # steps between metrics lines
@@ -269,7 +286,13 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     if m:
         group, name = m.groups()
         return f"{group}={name}: no such {group} preset; valid: {', '.join(group_options(group))}"
+    m = re.search(r"Key '([^']+)' not in 'MixtureSource'", cause)
+    if m:  # a typo inside one data.mixture entry
+        return (f"data.mixture: unknown key '{m.group(1)}' in a source; valid keys: "
+                f"{', '.join(MixtureSource.__dataclass_fields__)}")
     m = re.search(r"full_key: (\S+)", cause)
+    if "Value '" in cause and m and "reference_type=MixtureSource" in cause:
+        return f"data.mixture[].{m.group(1)}: {cause.splitlines()[0]}"
     if "Value '" in cause and m:  # right key, wrong type
         return f"{m.group(1)}: {cause.splitlines()[0]}"
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' not in", msg)
@@ -329,6 +352,11 @@ def validate(cfg: DictConfig) -> None:
         need(t[key] >= 0, f"trainer.{key}={t[key]} must be >= 0")
     for key in ("eval_batches", "log_every"):
         need(t[key] >= 1, f"trainer.{key}={t[key]} must be >= 1")
+    need(t.eval_tasks_every >= 0 and t.eval_tasks_limit >= 0,
+         f"trainer.eval_tasks_every={t.eval_tasks_every}, trainer.eval_tasks_limit={t.eval_tasks_limit} must be >= 0")
+    need(bool(t.eval_tasks) == (t.eval_tasks_every > 0),
+         f"trainer.eval_tasks={list(t.eval_tasks)} with trainer.eval_tasks_every={t.eval_tasks_every}: set both "
+         "(tasks and the steps between evaluations) or neither")
     need(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1 and t.eps > 0,
          f"trainer.beta1={t.beta1}, trainer.beta2={t.beta2}, trainer.eps={t.eps}: need betas in [0, 1) and eps > 0")
     need(t.on_spike in SPIKE_ACTIONS, f"trainer.on_spike={t.on_spike}; valid: {', '.join(SPIKE_ACTIONS)}")
@@ -407,6 +435,8 @@ def validate(cfg: DictConfig) -> None:
          f"data.clean.max_dup_line_fraction={dc.max_dup_line_fraction} must be in [0, 1] (0 = off)")
     need(min(dc.min_chars, dc.max_chars, dc.max_mean_line_chars, dc.max_line_chars) >= 0,
          "data.clean: min_chars, max_chars, max_mean_line_chars, max_line_chars must be >= 0 (0 = off)")
+    if d.mixture:
+        check_mixture(d.mixture)
     need(0 < dd.threshold < 1, f"data.dedup.threshold={dd.threshold} must be in (0, 1)")
     need(dd.num_perm >= 16, f"data.dedup.num_perm={dd.num_perm} must be >= 16")
     need(dd.shingle_size >= 1, f"data.dedup.shingle_size={dd.shingle_size} must be >= 1")
@@ -423,6 +453,35 @@ def validate(cfg: DictConfig) -> None:
     # On cluster=ray the path is checked by the job's driver, on the cluster, before any worker starts.
     need(r in ("auto", "never") or c.kind == "ray" or Path(r).exists(),
          f"trainer.resume={r}: no such checkpoint; valid: auto, never, or an existing checkpoint path")
+
+
+def mixture_names(mixture) -> list[str]:
+    """Each data.mixture source's name: its own, or its out_dir's folder name."""
+    return [str(s.name or str(s.out_dir).rstrip("/").rsplit("/", 1)[-1]) for s in mixture]
+
+
+def check_mixture(mixture) -> None:
+    """data.mixture: every source has an out_dir, weights >= 0 with a positive sum, distinct names."""
+    import math
+
+    weights = [float(s.weight) for s in mixture]
+    for i, s in enumerate(mixture):
+        if not str(s.out_dir).strip():
+            raise UserError(f"data.mixture[{i}].out_dir is empty; valid: a prepared folder (or s3://...)")
+        if not (math.isfinite(weights[i]) and weights[i] >= 0):
+            raise UserError(f"data.mixture[{i}].weight={s.weight} ({s.out_dir}): weights must be finite and >= 0")
+    if not sum(weights) > 0:
+        raise UserError(f"data.mixture weights {weights} sum to {sum(weights)}: they must sum to a positive number")
+    names = mixture_names(mixture)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"data.mixture: two sources are named {dup[0]!r} (names: {', '.join(names)}); give each a "
+                        "distinct name: {out_dir: ..., weight: ..., name: ...}")
+    for i, s in enumerate(mixture):
+        scheme = str(s.out_dir).split("://", 1)[0] if "://" in str(s.out_dir) else ""
+        if scheme and scheme not in STORAGE_SCHEMES and not _fsspec_knows(scheme):
+            raise UserError(f"data.mixture[{i}].out_dir={s.out_dir}: unknown storage scheme '{scheme}://'; valid: a "
+                            f"folder, or {', '.join(x + '://' for x in STORAGE_SCHEMES)}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ the number is a deterministic mean over the first max_tokens tokens, not a rando
 `sheepop eval run.dir=DIR tasks=python_mc[,...] [limit=N] [num_fewshot=K]` runs downstream tasks
 with EleutherAI's lm-evaluation-harness instead (the `eval` extra; sheepop.model.lm_eval_adapter):
 the tasks shipped in sheepop/eval_tasks, offline. It prints task, metric, value and stderr and
-writes the harness's results to RUN/eval/lm_eval_<tasks>.json.
+writes the harness's results to RUN/eval/lm_eval_<tasks>.json (or out=FILE; training's
+trainer.eval_tasks runs this command on its checkpoints: sheepop.train.task_eval).
 """
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from sheepop.cli.args import parse_kv, require, wants_help
 from sheepop.errors import UserError
 
 OPTS = {"run.dir": str, "split": str, "max_tokens": int, "batch_size": int, "seq_len": int, "tasks": str,
-        "limit": int, "num_fewshot": int}
+        "limit": int, "num_fewshot": int, "out": str}
 USAGE = ("usage: sheepop eval run.dir=DIR [split=val|train] [max_tokens=200000] [batch_size=8] [seq_len=N]\n"
          "       sheepop eval run.dir=DIR data=files \"data.paths=[notes/,src/**/*.py]\"   (any data.* override)\n"
-         "       sheepop eval run.dir=DIR tasks=python_mc[,TASK...] [limit=N] [num_fewshot=K] [batch_size=8]"
+         "       sheepop eval run.dir=DIR tasks=python_mc[,TASK...] [limit=N] [num_fewshot=K] [batch_size=8] [out=FILE]"
          "   (lm-evaluation-harness)")
-TASK_ONLY = ("tasks", "limit", "num_fewshot")
+TASK_ONLY = ("tasks", "limit", "num_fewshot", "out")
 LOSS_ONLY = ("split", "max_tokens", "seq_len")
 DEFAULT_MAX_TOKENS = 200_000
 
@@ -175,7 +176,7 @@ def _results_location(run_dir: str, checkpoint: str) -> str:
 
 
 def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, num_fewshot: int | None = None,
-                  batch_size: int = 8) -> dict:
+                  batch_size: int = 8, out: str | None = None) -> dict:
     """Run lm-evaluation-harness tasks shipped with sheepop on a run's latest checkpoint; returns
     {"rows": [(task, metric, value, stderr)], "results": the harness's dict, "out": the JSON written, ...}."""
     import json
@@ -204,7 +205,7 @@ def lm_eval_tasks(run_dir: str, tasks: list[str], *, limit: int | None = None, n
         results = adapter.run_tasks(model, tok, tasks, limit=limit, batch_size=batch_size, num_fewshot=num_fewshot,
                                     eot=eot_token(meta["config"]))
     rows = adapter.result_rows(results)
-    out = storage.join(where, "eval", f"lm_eval_{'+'.join(tasks)}.json")
+    out = out or storage.join(where, "eval", f"lm_eval_{'+'.join(tasks)}.json")
     record = {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "step": meta["step"],
               "checkpoint": meta["path"], "seconds": time.time() - t0,
               "table": [dict(zip(("task", "metric", "value", "stderr"), r)) for r in rows],
@@ -245,7 +246,7 @@ def main(argv: list[str]) -> int:
         if o.get("limit", 1) < 1 or o.get("num_fewshot", 0) < 0:
             raise UserError("limit must be >= 1 and num_fewshot >= 0")
         r = lm_eval_tasks(o["run.dir"], tasks, limit=o.get("limit"), num_fewshot=o.get("num_fewshot"),
-                          batch_size=o.get("batch_size", 8))
+                          batch_size=o.get("batch_size", 8), out=o.get("out"))
         print(format_table(r["rows"]))
         print(f"step {r['step']}, {r['seconds']:.1f}s; results: {r['out']}")
         return 0

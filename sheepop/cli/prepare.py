@@ -11,6 +11,12 @@ def main(argv: list[str]) -> int:
     from sheepop.data.shards import prepare
 
     cfg = compose(argv)
+    if cfg.data.mixture:  # a mixture is made of corpora prepared one by one: say how, prepare nothing
+        from sheepop.errors import UserError
+
+        raise UserError(f"data.mixture is set: `sheepop prepare` prepares one corpus; prepare each source on its "
+                        f"own (`sheepop prepare data.out_dir={cfg.data.mixture[0].out_dir} ...`, all with one "
+                        "tokenizer: tokenizer.path=<the first one's tokenizer.json>), then train with data.mixture")
     manifest = prepare(cfg)
     sp = manifest["splits"]
     print(f"{cfg.data.out_dir}: {manifest['documents']} documents, {manifest['tokens']:,} tokens "

@@ -28,7 +28,7 @@ from sheepop.data.pipeline import MANIFEST_VERSION, build
 from sheepop.errors import UserError
 
 # Settings that change how fast the shards are made, or how training reads them, never what they hold.
-NOT_CONTENT = ("out_dir", "num_workers", "document_mask")
+NOT_CONTENT = ("out_dir", "num_workers", "document_mask", "mixture")
 
 
 def fingerprint(cfg) -> str:

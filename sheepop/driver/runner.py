@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import yaml
 from rich.console import Console
 
-from sheepop.config import Config, batch_plan, redact, world_sizes
+from sheepop.config import Config, batch_plan, mixture_names, redact, world_sizes
 from sheepop.errors import UserError
 from sheepop.monitor.metrics_file import read_metrics
 from sheepop.net import require_listening
@@ -54,7 +54,7 @@ def preflight(cfg: Config) -> str | None:
     storage.check_writable(cfg.run.dir, "run.dir")
     if c.storage_path:
         storage.check_writable(c.storage_path, "cluster.storage_path")
-    if storage.is_uri(cfg.data.out_dir):
+    if storage.is_uri(cfg.data.out_dir) and not cfg.data.mixture:  # a mixture prepares nothing: only reads its sources
         storage.check_writable(storage.normalize(cfg.data.out_dir), "data.out_dir")
     if c.kind in ("process", "local"):  # every rank writes on this machine: room for one checkpoint?
         import tempfile
@@ -65,6 +65,10 @@ def preflight(cfg: Config) -> str | None:
     resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
     if resume is None and cfg.trainer.init_from:  # a resume has trained weights: init_from is for step 0 only
         checkpoint.check_hf(cfg)
+    if cfg.trainer.eval_tasks:
+        from sheepop.train.task_eval import check_tasks
+
+        check_tasks(list(cfg.trainer.eval_tasks))
     prebuild_ops(cfg)
     existing = checkpoint.list_checkpoints(checkpoint.root(cfg))
     if cfg.trainer.resume == "never" and existing:
@@ -121,7 +125,7 @@ def check_ray_address(address: str) -> None:
     require_listening(host, port, f"cluster.address={address}", "start a cluster with `ray start --head` or fix the address")
 
 
-def make_plan(cfg: Config, resume: str | None, manifest: dict):
+def make_plan(cfg: Config, resume: str | None, manifest: dict, mixture: tuple = ()):
     """The RunPlan every rank gets: decided here, once. A resume on another world size or ZeRO
     stage is converted to the universal format here too, before any rank starts; imported weights
     (trainer.init_from) are for a fresh start only."""
@@ -135,7 +139,8 @@ def make_plan(cfg: Config, resume: str | None, manifest: dict):
         universal = checkpoint.to_universal(resume)
     init_from = str(init_from_folder(cfg.trainer.init_from)) if resume is None and cfg.trainer.init_from else None
     return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest,
-                   elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers}, init_from=init_from)
+                   elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers}, init_from=init_from,
+                   mixture=tuple(mixture))
 
 
 def run(cfg: Config) -> dict:
@@ -143,27 +148,38 @@ def run(cfg: Config) -> dict:
     import dataclasses
 
     from sheepop import storage
+    from sheepop.data.mixture import load_sources
     from sheepop.data.shards import local_dir, prepare
     from sheepop.monitor.live import LiveView
     from sheepop.monitor.plot import plot_loss
 
+    sources = load_sources(cfg) if cfg.data.mixture else []  # a mixture's sources are prepared already: checked here
     resume = preflight(cfg)
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     # Workers may run in another cwd: every path they get is absolute (URIs stay as they are).
+    # data.mixture: every source named (default: its folder's name) and absolute, in config.yaml too.
+    mixture = [dataclasses.replace(s, out_dir=storage.normalize(s.out_dir), name=n)
+               for s, n in zip(cfg.data.mixture, mixture_names(cfg.data.mixture))]
     cfg = dataclasses.replace(
         cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)),
-        data=dataclasses.replace(cfg.data, out_dir=storage.normalize(cfg.data.out_dir)),
+        data=dataclasses.replace(cfg.data, out_dir=storage.normalize(cfg.data.out_dir), mixture=mixture),
         cluster=dataclasses.replace(cfg.cluster, storage_path=storage.normalize(cfg.cluster.storage_path)
                                     if cfg.cluster.storage_path else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "STOP").unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
     console.print(f"[bold]sheepop[/] run → {run_dir}" + (f"  (resuming {resume})" if resume else ""))
-    manifest = prepare(cfg, log=console.print)
-    shutil.copy(local_dir(cfg.data.out_dir) / "tokenizer.json", run_dir / "tokenizer.json")
+    manifest = sources[0].manifest if sources else prepare(cfg, log=console.print)
+    shutil.copy(local_dir(sources[0].out_dir if sources else cfg.data.out_dir) / "tokenizer.json",
+                run_dir / "tokenizer.json")
     mirror_run_files(cfg, run_dir, ("config.yaml", "tokenizer.json"))
-    plan = make_plan(cfg, resume, manifest)
-    console.print(f"{manifest['splits']['train']['tokens']:,} training tokens; {plan.batch.describe()}, "
+    plan = make_plan(cfg, resume, manifest, sources)
+    if sources:
+        console.print("data mixture: " + ", ".join(f"{s.name} {s.weight:.1%} of windows "
+                                                   f"({s.manifest['splits']['train']['tokens']:,} training tokens)"
+                                                   for s in sources))
+    console.print(f"{sum(m['splits']['train']['tokens'] for m in ([s.manifest for s in sources] or [manifest])):,} "
+                  f"training tokens; {plan.batch.describe()}, "
                   f"ZeRO stage {cfg.parallelism.zero_stage}" + (" (universal resume)" if plan.universal else ""))
 
     view = LiveView(run_dir, cfg.trainer.max_steps, console) if cfg.trainer.progress else None

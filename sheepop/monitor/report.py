@@ -207,12 +207,39 @@ def model_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
     rep.add("Model", h, md)
 
 
-def funnel_section(rep: Report, cfg: dict, run_dir: Path) -> None:
-    out_dir = Path(cfg["data"]["out_dir"])
+def funnel_section(rep: Report, cfg: dict, run_dir: Path, rows: list[dict] | None = None) -> None:
+    mixture = cfg["data"].get("mixture") or []
+    if not mixture:
+        return _funnel(rep, Path(cfg["data"]["out_dir"]), run_dir, "Data funnel", "data.out_dir of this run")
+    from sheepop import storage
+
+    mixture_section(rep, mixture, rows or [])
+    for i, src in enumerate(mixture):
+        out = src["out_dir"]
+        local = storage.cache_dir(out) if storage.is_uri(out) else Path(out)
+        _funnel(rep, local, run_dir, f"Data funnel: {src.get('name') or i}", f"data.mixture[{i}] of this run")
+
+
+def mixture_section(rep: Report, mixture: list[dict], rows: list[dict]) -> None:
+    """data.mixture: each source's weight, and the tokens it gave to training (the last logged step)."""
+    last = next((r for r in reversed(rows) if "event" not in r and any(k.startswith("tokens/") for k in r)), {})
+    seen_all = sum(v for k, v in last.items() if k.startswith("tokens/")) or None
+    total = sum(float(s["weight"]) for s in mixture) or 1.0
+    val = next((r for r in reversed(rows) if "event" not in r and "val_loss" in r), {})
+    table_rows = [[s["name"], f"{float(s['weight']) / total:.1%}", num(last.get(f"tokens/{s['name']}")),
+                   pct(last.get(f"tokens/{s['name']}"), seen_all) if seen_all else "-",
+                   num(val.get(f"val_loss/{s['name']}")), s["out_dir"]] for s in mixture]
+    h, md = table(["source", "weight", "tokens seen", "share seen", "val loss", "prepared in"], table_rows, {1, 2, 3, 4})
+    intro = (f"Training windows drawn from {len(mixture)} corpora by weight (data.mixture); tokens seen up to step "
+             f"{last.get('step', '-')}, val loss at step {val.get('step', '-')}.")
+    rep.add("Data mixture", f"<p>{esc(intro)}</p>{h}", f"{intro}\n\n{md}")
+
+
+def _funnel(rep: Report, out_dir: Path, run_dir: Path, title: str, what: str) -> None:
     path = out_dir / "manifest.json"
     if not path.is_file():
-        note = f"No data manifest at {path} (data.out_dir of this run): it was moved or deleted."
-        rep.add("Data funnel", f"<p class=warn>{esc(note)}</p>", note)
+        note = f"No data manifest at {path} ({what}): it was moved or deleted."
+        rep.add(title, f"<p class=warn>{esc(note)}</p>", note)
         return
     m = json.loads(path.read_text())
     rows, classes = [], []
@@ -244,7 +271,7 @@ def funnel_section(rep: Report, cfg: dict, run_dir: Path) -> None:
     except (KeyError, OSError):
         pass
     intro = f"Documents and bytes read from source `{m.get('source', '?')}`, kept by each stage, then tokenized ({path})."
-    rep.add("Data funnel",
+    rep.add(title,
             f"<p>{esc(intro)}</p>{h}<p>{esc(tok_line)}</p>" + (f"<p class=warn>{esc(warn)}</p>" if warn else ""),
             f"{intro}\n\n{md}\n\n{tok_line}" + (f"\n\n**Warning:** {warn}" if warn else ""))
 
@@ -341,6 +368,25 @@ def events_section(rep: Report, cfg: dict, rows: list[dict]) -> None:
             f"{md}\n\n{intro}\n\n{cmd if ck_rows else 'none'}")
 
 
+def tasks_section(rep: Report, rows: list[dict]) -> None:
+    """trainer.eval_tasks: one row per evaluated checkpoint, one column per task metric (nothing when off)."""
+    by_step: dict[int, dict] = {}
+    for r in rows:
+        if r.get("event") == "tasks":
+            by_step[r["step"]] = r["scores"]  # a re-run step after a restart replaces the earlier one
+    failed = [r for r in rows if r.get("event") == "tasks_failed"]
+    if not by_step and not failed:
+        return
+    keys = sorted({k for scores in by_step.values() for k in scores})
+    h, md = table(["step", *(k.removeprefix("tasks/") for k in keys)],
+                  [[f"{s:,}", *(num(by_step[s].get(k)) for k in keys)] for s in sorted(by_step)],
+                  numeric=set(range(len(keys) + 1)))
+    for r in failed:
+        note = f"step {r['step']:,}: evaluation failed: {r.get('reason', '')}"
+        h, md = h + f"<p>{esc(note)}</p>", md + f"\n\n{note}"
+    rep.add("Downstream tasks (lm-evaluation-harness)", h, md)
+
+
 def samples_section(rep: Report, rows: list[dict], run_dir: Path) -> None:
     by_step: dict[int, list[dict]] = {}
     for r in rows:
@@ -413,9 +459,10 @@ def build(run_dir: Path, log_x: bool = False) -> Report:
     summary_section(rep, cfg, rows)
     curves_section(rep, cfg, rows, log_x)
     model_section(rep, cfg, rows)
-    funnel_section(rep, cfg, run_dir)
+    funnel_section(rep, cfg, run_dir, rows)
     tokenizer_section(rep, run_dir)
     events_section(rep, cfg, rows)
+    tasks_section(rep, rows)
     samples_section(rep, rows, run_dir)
     config_section(rep, run_dir)
     return rep

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sheepop.data.loader import TokenWindows, data_step, document_ids
+from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, flops_per_token
@@ -30,6 +30,7 @@ from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
 from sheepop.train.spike import SpikeDetector
 from sheepop.train.stop import StopRequest
+from sheepop.train.task_eval import TaskEval
 from sheepop.train.watchdog import HangWatchdog
 
 def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
@@ -55,7 +56,11 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     run_dir = Path(cfg.run.dir)
     seed = cfg.run.seed
     # The prepared data on this node (a verified local copy when data.out_dir is in storage).
-    data_dir = verify_prepared(cfg.data.out_dir, plan.manifest, where=socket.gethostname())
+    if plan.mixture:  # data.mixture: every source checked on this node as a single corpus is
+        data_dirs = [verify_prepared(s.out_dir, s.manifest, where=socket.gethostname()) for s in plan.mixture]
+        data_dir = data_dirs[0]  # its tokenizer.json is every source's
+    else:
+        data_dir = verify_prepared(cfg.data.out_dir, plan.manifest, where=socket.gethostname())
     manifest = plan.manifest
     micro, accum, seq = batch.micro_batch_size, batch.grad_accum_steps, batch.seq_len
     amp = eng.autocast_dtype(t_cfg.precision)  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
@@ -79,11 +84,23 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     good = (resume_dir, universal)  # the checkpoint a rollback returns to (saved by a healthy model)
     uploads = checkpoint.Uploads() if report is None else None  # Ray Train uploads when it is there
 
-    train_data = TokenWindows(data_dir, manifest, "train", seq)
-    val_data = TokenWindows(data_dir, manifest, "val", seq)
+    if plan.mixture:  # each window's source drawn by weight; a fixed validation set per source
+        train_data = MixtureWindows([TokenWindows(d, s.manifest, "train", seq) for d, s in zip(data_dirs, plan.mixture)],
+                                    [s.weight for s in plan.mixture])
+        val_sets = [(s.name, s.weight, TokenWindows(d, s.manifest, "val", seq)) for d, s in zip(data_dirs, plan.mixture)]
+        val_data = val_sets[0][2]  # the end-of-run probe's batch
+        # Tokens each source gave to the steps trained so far: in every checkpoint's meta.json, so
+        # resumes, restarts and rollbacks continue (or go back to) the exact counts.
+        seen = state.get("source_tokens") or {}
+        state["source_tokens"] = {s.name: int(seen.get(s.name, 0)) for s in plan.mixture}
+    else:
+        train_data = TokenWindows(data_dir, manifest, "train", seq)
+        val_data = TokenWindows(data_dir, manifest, "val", seq)
+        val_sets = []
     sink = MetricsSink(cfg, rank, state.get("wandb_id"), attempt=state["attempt"])
     watchdog.on_hang = lambda info: sink.event("hang", **info)  # rank 0's names the slow rank(s)
     state["wandb_id"] = sink.wandb_id
+    tasks = TaskEval(cfg, rank, run_dir)  # trainer.eval_tasks, scored beside training on rank 0
     stop = StopRequest(run_dir, plan.stop_channel, rank)
     fpt = flops_per_token(args, seq)
     # data.document_mask: each forward gets doc_ids (nothing when off: today's call, unchanged)
@@ -94,18 +111,24 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     spikes.load_state_dict(state["spike"])
     autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
 
-    def evaluate() -> float:
+    def evaluate() -> dict:
+        """val_loss and val_ppl; with a data mixture also val_loss/<source> on each source's own
+        validation set, and val_loss is their mean by the mixture's weights."""
         engine.eval()
-        total = torch.zeros(2, device=device)
+        sets = val_sets or [("", 1.0, val_data)]
+        total = torch.zeros(len(sets), 2, device=device)
         with torch.no_grad():
-            for x, y in val_data.val_batches(seed, rank=rank, world=world, micro=micro,
-                                             batches=t_cfg.eval_batches):
-                with autocast():
-                    total += torch.stack([engine(x.to(device), y.to(device), **docs(x)).float() * len(x),
-                                          torch.tensor(float(len(x)), device=device)])
+            for k, (_, _, data) in enumerate(sets):
+                for x, y in data.val_batches(seed, rank=rank, world=world, micro=micro, batches=t_cfg.eval_batches):
+                    with autocast():
+                        total[k] += torch.stack([engine(x.to(device), y.to(device), **docs(x)).float() * len(x),
+                                                 torch.tensor(float(len(x)), device=device)])
         dist.all_reduce(total)
         engine.train()
-        return (total[0] / total[1]).item()
+        losses = (total[:, 0] / total[:, 1]).tolist()
+        per_source = {f"val_loss/{name}": v for (name, _, _), v in zip(val_sets, losses)}
+        v = sum(w * v for (_, w, _), v in zip(val_sets, losses)) if val_sets else losses[0]
+        return {"val_loss": v, "val_ppl": math.exp(min(v, 50)), **per_source}
 
     def save(final: bool = False) -> str:
         watchdog.beat("save", state["step"])
@@ -133,7 +156,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                precision=eng.precision_mode(t_cfg.precision),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None)
     if start_step == 0:
-        sink.log({"step": 0, "val_loss": (v := evaluate()), "val_ppl": math.exp(min(v, 50))})
+        sink.log({"step": 0, **evaluate()})
     engine.train()
     profiler = StepProfiler(t_cfg.profile, run_dir / "profile", rank, start=t_cfg.profile_start,
                             steps=t_cfg.profile_steps, on_written=lambda d: sink.event("profile", step=state["step"],
@@ -194,10 +217,15 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         state["step"] = step = step + 1
         profiler.step()
         state["tokens"] += batch.tokens_per_step
+        if plan.mixture:  # the windows each source gave to this step's global batch
+            counts = train_data.source_counts(seed, window, batch.global_batch_size)
+            for s, c in zip(plan.mixture, counts):
+                state["source_tokens"][s.name] += int(c) * seq
         dt = time.perf_counter() - t0
         last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
+        last.update({f"tokens/{n}": v for n, v in state.get("source_tokens", {}).items()} if plan.mixture else {})
         last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
         spike = spikes.check(last["loss"], last["grad_norm"]) if t_cfg.on_spike != "skip" else None
@@ -237,19 +265,23 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                                         f"lower trainer.lr={t_cfg.lr}")
         if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
             watchdog.beat("eval", step)
-            last["val_loss"] = evaluate()
-            last["val_ppl"] = math.exp(min(last["val_loss"], 50))
+            last.update(evaluate())
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
         if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
             sink.log(last)
+            for result in tasks.poll():
+                sink.task_scores(result)
         stopped, save_now, pending_save = buf[1].item() > 0, buf[2].item() > 0, None
         if save_now:
             sink.event("save_requested", step=step, reason=save_why or "another rank was asked to save")
-        if stopped or save_now or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0):
+        if (stopped or save_now or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0)
+                or tasks.due(step)):
             if guard.suspect:  # never let a diverging model displace a good checkpoint
                 sink.event("checkpoint_skipped", step=step, reason="the loss looks like divergence")
             else:
                 good = (save(final=step == t_cfg.max_steps), None)
+                if tasks.due(step):
+                    tasks.submit(step, good[0])
         if stopped:
             sink.event("stop", step=step, reason=stop_why or "another rank was asked to stop")
             break
@@ -261,6 +293,8 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                  attempt=state["attempt"], probe_loss=probe)
     if uploads is not None:
         uploads.wait()  # the last checkpoint is in storage before the run says it ended
+    for result in tasks.close():  # the scores of the last evaluated checkpoint belong to the run
+        sink.task_scores(result)
     sink.event("end", step=state["step"], stopped=stopped)
     sink.close()
     stop.close()

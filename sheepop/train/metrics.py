@@ -2,7 +2,8 @@
 
 metrics.jsonl is the run's source of truth (sheepop.monitor.metrics_file reads it): one JSON object per logged step (`step`, `loss`,
 `lr`, `grad_norm`, `tokens`, `tokens_per_sec`, `step_time`, `mfu`, `peak_flops`, `mem_allocated`
-(GiB, max over ranks); eval lines add `val_loss`, `val_ppl`) and `event` lines (start, resume,
+(GiB, max over ranks); eval lines add `val_loss`, `val_ppl`; with data.mixture every line adds
+`tokens/<source>` and eval lines `val_loss/<source>`) and `event` lines (start, resume,
 checkpoint, samples, stop, end). The live view, `sheepop watch`, the plots and the report all
 read it, so they work without W&B.
 
@@ -31,6 +32,18 @@ WANDB_KEYS = {
     "tokens_per_sec": "perf/tokens_per_sec", "mfu": "perf/mfu", "step_time": "perf/step_time",
     "mem_allocated": "sys/mem_allocated", "val_loss": "val/loss", "val_ppl": "val/ppl",
 }
+# data.mixture: per-source keys, metrics.jsonl prefix → W&B prefix (tokens/<name>, val_loss/<name>)
+WANDB_PREFIXES = {"tokens/": "data/tokens/", "val_loss/": "val/loss/"}
+
+
+def wandb_key(key: str) -> str | None:
+    """The W&B name of a metrics.jsonl key (None: not sent)."""
+    if key in WANDB_KEYS:
+        return WANDB_KEYS[key]
+    for prefix, to in WANDB_PREFIXES.items():
+        if key.startswith(prefix):
+            return to + key[len(prefix):]
+    return None
 
 
 def wandb_mode(mode: str) -> str:
@@ -147,7 +160,7 @@ class MetricsSink:
         self._mirror.maybe(force="event" in row)
         step = row.get("step")
         if self.wandb is not None and step is not None and "event" not in row:
-            data = {WANDB_KEYS[k]: v for k, v in row.items() if k in WANDB_KEYS and v is not None}
+            data = {wandb_key(k): v for k, v in row.items() if wandb_key(k) and v is not None}
             self._wandb_log(data, step)
 
     def _wandb_log(self, data: dict, step: int) -> None:
@@ -179,6 +192,18 @@ class MetricsSink:
             # Sent with this step's metrics (logged right after the eval), not as a step of its own.
             self._pending, self._pending_step = {"samples": wandb.Table(columns=["step", "prompt", "text"],
                                                                          data=self._sample_rows)}, step
+
+    def task_scores(self, result: dict) -> None:
+        """A finished trainer.eval_tasks evaluation (sheepop.train.task_eval): a `tasks` event with the
+        scores of the checkpoint's step, or `tasks_failed` with the reason. W&B gets the scores as
+        tasks/<task>/<metric> plotted against tasks/step (its own step has moved on since the save)."""
+        if "error" in result:
+            self.event("tasks_failed", step=result["step"], reason=result["error"])
+            return
+        self.event("tasks", step=result["step"], scores=result["scores"], seconds=result.get("seconds"))
+        if self.active and self.wandb is not None:
+            self.wandb.define_metric("tasks/*", step_metric="tasks/step")
+            self.wandb.log({**result["scores"], "tasks/step": result["step"]}, step=max(0, self._last_wandb_step))
 
     def event(self, name: str, **fields) -> None:
         self.log({"event": name, **fields})

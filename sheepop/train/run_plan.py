@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sheepop.config import BatchPlan, Config
+from sheepop.data.mixture import PreparedSource
 from sheepop.errors import UserError
 
 
@@ -21,12 +22,16 @@ class RunPlan:
     batch: BatchPlan  # micro batch, accumulation, global batch for batch.world_size ranks
     resume: str | None  # checkpoint to start from (a local folder or a storage URI); None = step 0
     universal: str | None  # its universal-format copy, when the world size or ZeRO stage changed
-    manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir
+    manifest: dict  # the prepared data's manifest.json (fingerprint, shards) in cfg.data.out_dir; with a
+    # data mixture, its first source's (the tokenizer every source shares)
     stop_channel: str | None = None  # name of the run's StopFlag actor (Ray runs; sheepop.train.stop)
     init_from: str | None = None  # a Hugging Face Llama folder whose weights a fresh start loads (None on a resume)
     # Batch plans for the smaller worlds an elastic run (cluster.min_workers) may restart in: the
     # same global batch, more accumulation.
     elastic: dict[int, BatchPlan] = field(default_factory=dict)
+    # data.mixture: every source's name, folder, normalized weight and manifest (sheepop.data.mixture
+    # .PreparedSource), checked by the driver; empty = the one corpus in cfg.data.out_dir.
+    mixture: tuple[PreparedSource, ...] = ()
 
     def batch_for(self, world_size: int) -> BatchPlan:
         """A rank's check that it runs in a world the plan was made for; that world's batch plan."""

@@ -126,3 +126,25 @@ def planted_corpus(root: Path, n_distinct=300, n_near=60, n_exact=30) -> dict[st
         (root / f"x_{j:04d}.txt").write_bytes(t.encode())
         ids["exact"].append(str(root / f"x_{j:04d}.txt"))
     return ids
+
+
+def mixture_sources(root: Path, docs: int = 60) -> tuple[Path, Path]:
+    """Two corpora prepared separately with one tokenizer, for data.mixture: `prose` (lower-case
+    prose) and `shout` (upper-case prose of other seeds), the second prepared with the first's
+    tokenizer.json. Reused when already prepared (prepare() checks its inputs)."""
+    from sheepop.data.shards import prepare
+
+    dirs = []
+    for name, case, first in (("prose", str.lower, 0), ("shout", str.upper, 10_000)):
+        src = root / f"{name}-in"
+        src.mkdir(parents=True, exist_ok=True)
+        for i in range(docs):  # unchanged files keep their mtime: the prepared data is reused
+            f, text = src / f"{i}.txt", case(prose(first + i, 300))
+            if not f.is_file() or f.read_text() != text:
+                f.write_text(text)
+        tok = [f"tokenizer.path={dirs[0] / 'tokenizer.json'}"] if dirs else []
+        out = root / name
+        prepare(compose(["model=tiny", "data=files", f"data.paths=[{src}]", f"data.out_dir={out}",
+                         "data.val_fraction=0.2", *tok]), log=lambda *_: None, progress=False)
+        dirs.append(out)
+    return dirs[0], dirs[1]

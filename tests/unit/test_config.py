@@ -53,6 +53,9 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.skip_steps=[0,3]", "skip_steps=.0, 3.: steps are integers >= 1"),
     ("trainer.hang_timeout_s=-1", "trainer.hang_timeout_s=-1.0"),
     ("debug.hang_rnk=1", "valid keys in debug: hang_at_step, hang_rank, spike_at_step"),
+    ("trainer.eval_tasks=[python_mc]", "python_mc.. with trainer.eval_tasks_every=0: set both"),
+    ("trainer.eval_tasks_every=10", "trainer.eval_tasks=.. with trainer.eval_tasks_every=10: set both"),
+    ("trainer.eval_tasks_limit=-1", "trainer.eval_tasks_limit=-1 must be >= 0"),
 ])
 def test_bad_config_is_one_user_error(override, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
