@@ -67,6 +67,40 @@ def deepspeed_shares_universal_step() -> bool:
     return "['step'] = state_step" in inspect.getsource(stage3)
 
 
+def torch_default_inductor_cache() -> str:
+    """torch 2.13's default Inductor cache folder (cache_dir_utils.default_cache_dir, without importing it)."""
+    import getpass
+    import re
+    import tempfile
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+# The user's own TORCHINDUCTOR_CACHE_DIR, if any, read before anything in this process compiled. torch's
+# cache_dir() writes its default into the environment on first use, so a parent process that used torch
+# (a notebook, pytest) hands its children that default: not a choice the user made.
+_USER_INDUCTOR_CACHE = (os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                        if os.environ.get("TORCHINDUCTOR_CACHE_DIR") != torch_default_inductor_cache() else None)
+
+
+def inductor_cache(run_dir) -> str:
+    """Point torch.compile's on-disk caches (Inductor's FX graph cache and AOTAutograd's cache, both
+    on by default in torch 2.13, and Triton's kernels on GPU, which live below it) at
+    <run.dir>/cache/inductor, unless the user set TORCHINDUCTOR_CACHE_DIR: a restarted run (a Ray
+    Train restart, a resume) then loads its compiled blocks instead of compiling them again.
+    torch's default, /tmp/torchinductor_<user>, is per machine and may be cleaned between restarts.
+    Call before the first compile; returns the folder."""
+    from pathlib import Path
+
+    path = _USER_INDUCTOR_CACHE or str(Path(run_dir).absolute() / "cache" / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    return path
+
+
 # --- Ray 2.60 --------------------------------------------------------------------------------------
 
 def ray_loopback_only() -> dict[str, str]:

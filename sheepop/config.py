@@ -107,6 +107,8 @@ class TokenizerConfig:
 PRECISIONS = ("auto", "bf16", "bf16-autocast", "fp32")
 GRAD_ACCUM_DTYPES = ("auto", "fp32", "bf16")
 SPIKE_ACTIONS = ("rollback", "skip", "stop", "warn")
+COMPILE = ("auto", "true", "false")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -156,6 +158,8 @@ class TrainerConfig:
     sample_prompt: str = "def "  # prompt of the sample printed at the end
     sample_tokens: int = 80  # tokens generated for that sample
     progress: bool = True  # rich progress bar on rank 0
+    compile: str = "auto"  # torch.compile each transformer block (sheepop.train.compilation): auto (on with CUDA, off on CPU, where it did not pay back; see README) | true | false
+    compile_mode: str = "default"  # torch.compile mode: one of COMPILE_MODES
 
 
 @dataclass
@@ -365,6 +369,8 @@ def validate(cfg: DictConfig) -> None:
          f"{t.spike_min_history}: need spike_z > 0 and 3 <= spike_min_history <= spike_window")
     need(t.profile_start >= 1 and t.profile_steps >= 1,
          f"trainer.profile_start={t.profile_start}, trainer.profile_steps={t.profile_steps}: each must be >= 1")
+    need(str(t.compile).lower() in COMPILE, f"trainer.compile={t.compile}; valid: {', '.join(COMPILE)}")
+    need(t.compile_mode in COMPILE_MODES, f"trainer.compile_mode={t.compile_mode}; valid: {', '.join(COMPILE_MODES)}")
     need(t.grad_accum_dtype in GRAD_ACCUM_DTYPES,
          f"trainer.grad_accum_dtype={t.grad_accum_dtype}; valid: {', '.join(GRAD_ACCUM_DTYPES)}")
     need(not (t.grad_accum_dtype == "fp32" and p.zero_stage < 2 and t.precision == "bf16"),

@@ -23,6 +23,7 @@ from deepspeed.utils import logger as ds_logger  # noqa: E402
 from sheepop.config import BatchPlan, Config, grad_accum_dtype  # noqa: E402
 from sheepop.net import free_port  # noqa: E402
 from sheepop.train import activation_checkpointing  # noqa: E402
+from sheepop.train import compilation  # noqa: E402
 from sheepop.train.update_gate import GatedAdamW, GatedLambdaLR, UpdateGate  # noqa: E402
 
 ds_logger.setLevel(os.environ.get("SHEEPOP_DS_LOG_LEVEL", "WARNING"))
@@ -168,6 +169,9 @@ def build(model: torch.nn.Module, cfg: Config, batch: BatchPlan, load_universal:
     on another world size or ZeRO stage)."""
     activation_checkpointing.apply(model, cfg.model.activation_checkpointing, cfg.model.activation_checkpointing_every)
     t = cfg.trainer
+    compile_on = compilation.enabled(t.compile)  # trainer.compile (sheepop.train.compilation)
+    if compile_on and cfg.parallelism.zero_stage == 3:
+        compilation.mark_zero3_leaves(model)
     ds_cfg = deepspeed_config(cfg, batch)
     if load_universal:
         ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
@@ -183,6 +187,9 @@ def build(model: torch.nn.Module, cfg: Config, batch: BatchPlan, load_universal:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=scheduler, config=ds_cfg, dist_init_required=False)
+    if compile_on:  # after initialize, so that nothing DeepSpeed adds to the blocks is compiled with them
+        compat.inductor_cache(cfg.run.dir)  # a restart of this run reuses what it compiled
+        compilation.apply(engine.module, t.compile_mode)
     engine.update_gate = gate  # the loop's say over the next update (skip it, scale its rate)
     return engine
 

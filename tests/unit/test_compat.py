@@ -93,3 +93,16 @@ def test_deepspeed_build_notice_goes_to_its_logger(capsys):
     assert not hasattr(real_torch, "print")
     module.print("DeepSpeed x built successfully")
     assert "built successfully" not in capsys.readouterr().out
+
+
+def test_inductor_cache_goes_to_the_run_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+
+    # torch's own default, inherited from a parent process that used torch, is not the user's choice
+    assert compat.torch_default_inductor_cache() == default_cache_dir()
+
+    monkeypatch.setattr(compat, "_USER_INDUCTOR_CACHE", None)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/somewhere/torch/put/its/default")
+    assert compat.inductor_cache(tmp_path / "run") == cache_dir() == str(tmp_path / "run" / "cache" / "inductor")
+    monkeypatch.setattr(compat, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
+    assert compat.inductor_cache(tmp_path / "run") == cache_dir() == str(tmp_path / "mine")

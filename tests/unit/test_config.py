@@ -56,10 +56,22 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.eval_tasks=[python_mc]", "python_mc.. with trainer.eval_tasks_every=0: set both"),
     ("trainer.eval_tasks_every=10", "trainer.eval_tasks=.. with trainer.eval_tasks_every=10: set both"),
     ("trainer.eval_tasks_limit=-1", "trainer.eval_tasks_limit=-1 must be >= 0"),
+    ("trainer.compile=yes", "trainer.compile=yes; valid: auto, true, false"),
+    ("trainer.compile_mode=fast", "trainer.compile_mode=fast; valid: default, reduce-overhead, max-autotune, "),
 ])
 def test_bad_config_is_one_user_error(override, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
         compose(override.split())
+
+
+@pytest.mark.parametrize("value, on", [("true", True), ("True", True), ("false", False), ("auto", None)])
+def test_trainer_compile_values_compose_and_auto_means_on_with_cuda_only(value, on):
+    import torch
+
+    from sheepop.train.compilation import enabled
+
+    cfg = compose(["model=tiny", f"trainer.compile={value}", "trainer.compile_mode=max-autotune"])
+    assert enabled(cfg.trainer.compile) == (torch.cuda.is_available() if on is None else on)
 
 
 # The CLI in a child that reports, as it exits, which heavy libraries it imported.
