@@ -30,6 +30,43 @@ def before_deepspeed_import() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    skip_deepspeed_muon()
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_deepspeed_muon() -> None:
+    """DeepSpeed 0.19 imports its Muon optimizer module whenever it builds a ZeRO or bf16 optimizer,
+    only to ask isinstance(optimizer, MuonWithAuxAdam). That module's kernels are torch.compile'd
+    at import, which imports TorchInductor: 1.3-2.1 s of every rank's start-up here (bench/startup.py)
+    for an optimizer sheepop never builds. A stand-in module whose MuonWithAuxAdam nothing is an
+    instance of answers the question instead. Idempotent; a no-op if the real one is loaded."""
+    import sys
+    import types
+
+    if MUON_MODULE in sys.modules:
+        return
+    stand_in = types.ModuleType(MUON_MODULE, "sheepop's stand-in (sheepop.compat.skip_deepspeed_muon)")
+
+    class MuonWithAuxAdam:  # never instantiated: isinstance(sheepop's optimizer, it) is False
+        pass
+
+    stand_in.MuonWithAuxAdam = MuonWithAuxAdam
+    sys.modules[MUON_MODULE] = stand_in
+
+
+def deepspeed_muon_import_is_slow() -> bool:
+    """True while importing DeepSpeed's Muon module still imports TorchInductor (skip_deepspeed_muon
+    is still worth it). Run in a fresh process: the answer depends on what is imported already."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, deepspeed, {MUON_MODULE}; "
+            "print('torch._inductor.compile_fx' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+    return r.stdout.strip().endswith("True")
 
 
 def fix_zero3_universal_load(engine, weight_decays: list) -> None:

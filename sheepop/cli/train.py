@@ -7,9 +7,12 @@ from sheepop.cli.args import hydra_help, wants_help
 def main(argv: list[str]) -> int:
     if wants_help(argv):
         return hydra_help(argv, "train")
+    from sheepop import startup
     from sheepop.config import compose
 
+    startup.mark("config")  # the CLI's imports (Hydra) and Python's start
     cfg = compose([a for a in argv if a != "--cfg"])
+    startup.mark("compose")
     if "--cfg" in argv:
         import yaml
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sheepop import compat
+from sheepop import compat, startup
 from sheepop.config import Config
 from sheepop.errors import UserError
 from sheepop.driver.stop_forwarder import StopForwarder
@@ -110,7 +110,8 @@ def fit(plan: RunPlan, console: Console) -> dict:
         check_resources(cfg, resources, console)
         channel = f"sheepop-stop-{uuid.uuid4().hex[:12]}"
         flag = flag_actor(channel)
-        plan = dataclasses.replace(plan, stop_channel=channel)
+        startup.mark("ray")  # Ray started or joined, the stop channel's actor placed
+        plan = dataclasses.replace(plan, stop_channel=channel, startup={**plan.startup, **startup.marks()})
         trainer = TorchTrainer(
             _worker,
             # Secrets travel through the object store, never through runtime_env (logged by Ray).

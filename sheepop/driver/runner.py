@@ -147,7 +147,7 @@ def run(cfg: Config) -> dict:
     """The driver: validate, prepare data, decide the plan, write config.yaml, train, then plot and sample."""
     import dataclasses
 
-    from sheepop import storage
+    from sheepop import startup, storage
     from sheepop.data.mixture import load_sources
     from sheepop.data.shards import local_dir, prepare
     from sheepop.monitor.live import LiveView
@@ -155,6 +155,7 @@ def run(cfg: Config) -> dict:
 
     sources = load_sources(cfg) if cfg.data.mixture else []  # a mixture's sources are prepared already: checked here
     resume = preflight(cfg)
+    startup.mark("preflight")
     run_dir = Path(cfg.run.dir).expanduser().absolute()
     # Workers may run in another cwd: every path they get is absolute (URIs stay as they are).
     # data.mixture: every source named (default: its folder's name) and absolute, in config.yaml too.
@@ -173,7 +174,10 @@ def run(cfg: Config) -> dict:
     shutil.copy(local_dir(sources[0].out_dir if sources else cfg.data.out_dir) / "tokenizer.json",
                 run_dir / "tokenizer.json")
     mirror_run_files(cfg, run_dir, ("config.yaml", "tokenizer.json"))
+    startup.mark("data")
     plan = make_plan(cfg, resume, manifest, sources)
+    startup.mark("plan")
+    plan = dataclasses.replace(plan, startup={"launch": startup.process_start(), **startup.marks()})
     if sources:
         console.print("data mixture: " + ", ".join(f"{s.name} {s.weight:.1%} of windows "
                                                    f"({s.manifest['splits']['train']['tokens']:,} training tokens)"

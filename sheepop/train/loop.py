@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sheepop import startup
 from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
@@ -39,7 +40,11 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     report(dir, name): Ray Train's checkpoint hand-off (None without Ray).
     restored: the checkpoint Ray Train hands a restarted worker group; it replaces plan.resume.
     """
+    startup.mark("worker")  # this rank's process is up and has imported torch, DeepSpeed and the loop
+    if plan.startup.get("launch") != (began := startup.process_start()):  # a Ray worker: its own process
+        startup.marks_add("worker_process", began)
     rank, world = eng.init_distributed()
+    startup.mark("distributed")
     t_cfg = plan.cfg.trainer
     watchdog = HangWatchdog(rank=rank, run_dir=Path(plan.cfg.run.dir), attempt=0, timeout_s=t_cfg.hang_timeout_s,
                             init_timeout_s=t_cfg.hang_init_timeout_s, save_timeout_s=t_cfg.hang_init_timeout_s)
@@ -61,6 +66,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         data_dir = data_dirs[0]  # its tokenizer.json is every source's
     else:
         data_dir = verify_prepared(cfg.data.out_dir, plan.manifest, where=socket.gethostname())
+    startup.mark("data_verified")
     manifest = plan.manifest
     micro, accum, seq = batch.micro_batch_size, batch.grad_accum_steps, batch.seq_len
     amp = eng.autocast_dtype(t_cfg.precision)  # bf16-autocast only; DeepSpeed's bf16 mode casts the module itself
@@ -75,11 +81,13 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         checkpoint.load_hf(model, plan.init_from)
     universal = plan.universal if restored is None else _restored_universal(restored, rank, world, cfg)
     engine = eng.build(model, cfg, batch, load_universal=universal is not None)
+    startup.mark("engine")
     state = {"step": 0, "tokens": 0, "wandb_id": None, "attempt": 0, "rollbacks": 0,
              "skip_steps": sorted(set(t_cfg.skip_steps)), "spike": {}, "lr_scale_until": 0}
     if resume_dir is not None:
         state.update(_merged(checkpoint.load(engine, resume_dir, rank, universal), state))
         state["attempt"] = state.get("attempt", 0) + 1
+        startup.mark("checkpoint_loaded")
     watchdog.attempt = state["attempt"]
     good = (resume_dir, universal)  # the checkpoint a rollback returns to (saved by a healthy model)
     uploads = checkpoint.Uploads() if report is None else None  # Ray Train uploads when it is there
@@ -154,7 +162,9 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
                tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,
                precision=eng.precision_mode(t_cfg.precision),
-               checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None)
+               checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None,
+               startup=startup.since(plan.startup["launch"], {**plan.startup, **startup.marks()})
+               if plan.startup else None)
     if start_step == 0:
         sink.log({"step": 0, **evaluate()})
     engine.train()

@@ -32,6 +32,9 @@ class RunPlan:
     # data.mixture: every source's name, folder, normalized weight and manifest (sheepop.data.mixture
     # .PreparedSource), checked by the driver; empty = the one corpus in cfg.data.out_dir.
     mixture: tuple[PreparedSource, ...] = ()
+    # sheepop.startup: when the driver's phases ended (wall clock; "launch" = the `sheepop` process's
+    # start); rank 0 adds its own and logs them in its start event.
+    startup: dict[str, float] = field(default_factory=dict)
 
     def batch_for(self, world_size: int) -> BatchPlan:
         """A rank's check that it runs in a world the plan was made for; that world's batch plan."""

@@ -39,6 +39,15 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert any("val_loss" in row and "val_ppl" in row for row in rows)
     assert "api_key" not in (run / "config.yaml").read_text().lower()
     assert "Ray dashboard: http://127.0.0.1" in r.stdout
+    # The start-up timeline (sheepop.startup, bench/startup.py): the driver's phases, Ray's, the rank's.
+    start = next(e for e in read_metrics(run) if e.get("event") == "start")
+    startup = start["startup"]  # seconds since launch, in time order; a Ray worker's process may predate "ray"
+    assert [k for k in startup if k != "worker_process"] == ["launch", "config", "compose", "preflight", "data", "plan",
+                                                             "ray", "worker", "distributed", "data_verified",
+                                                             "engine"], startup
+    assert startup["launch"] == 0 and startup["worker_process"] < startup["worker"]
+    launched = start["time"] - startup["engine"]  # the start event follows the engine
+    assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
 
 
 def test_tiny_model_learns(tmp_path):

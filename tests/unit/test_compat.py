@@ -95,6 +95,37 @@ def test_deepspeed_build_notice_goes_to_its_logger(capsys):
     assert "built successfully" not in capsys.readouterr().out
 
 
+def test_deepspeed_muon_import_still_pulls_in_inductor():
+    assert compat.deepspeed_muon_import_is_slow(), "DeepSpeed's Muon import got cheap: drop skip_deepspeed_muon"
+
+
+def test_zero_engines_build_and_step_without_muon_or_inductor():
+    """With the stand-in, a bf16 ZeRO-2 and a ZeRO-3 engine build and take a step without importing
+    TorchInductor (trainer.compile off); the stand-in is what DeepSpeed saw."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, torch
+from sheepop.config import batch_plan, compose
+from sheepop.model.transformer import Transformer
+from sheepop.train import engine as eng
+eng.init_distributed()
+for preset in ("zero2", "zero3"):
+    cfg = compose(["model=tiny", f"parallelism={preset}", "trainer.precision=bf16", "trainer.compile=false"])
+    e = eng.build(Transformer(cfg.model), cfg, batch_plan(cfg, 1))
+    x = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    e.backward(e(x, x))
+    e.step()
+muon = sys.modules["deepspeed.runtime.zero.muon.muon_optimizer"]
+print("inductor", "torch._inductor.compile_fx" in sys.modules, "stand-in", "stand-in" in (muon.__doc__ or ""))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "inductor False stand-in True", r.stdout + r.stderr[-2000:]
+
+
 def test_inductor_cache_goes_to_the_run_unless_the_user_chose_a_folder(tmp_path, monkeypatch):
     from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
 
