@@ -99,7 +99,7 @@ class TokenizerConfig:
     # The document separator: put after every document by `prepare`, where generation stops,
     # data.document_mask's boundary. trainer.init_from=hf:DIR sets it from config.json's
     # eos_token_id when the folder's tokenizer has no <|endoftext|> (Llama's </s>, <|end_of_text|>).
-    eot_token: str = "<|endoftext|>"
+    eot: str = "<|endoftext|>"  # not *_token: config keys ending in "token" are redacted as secrets
 
 
 # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32

@@ -36,8 +36,8 @@ def fingerprint(cfg) -> str:
     cfg = _plain(cfg)
     data = {k: v for k, v in cfg["data"].items() if k not in NOT_CONTENT}
     tok = dict(cfg["tokenizer"])
-    if tok.get("eot_token") == toklib.EOT:  # the default: data prepared before the field existed stays valid
-        del tok["eot_token"]
+    if tok.get("eot") == toklib.EOT:  # the default: data prepared before the field existed stays valid
+        del tok["eot"]
     h = hashlib.sha256(json.dumps([MANIFEST_VERSION, data, tok], sort_keys=True).encode())
     if tok.get("path"):
         if not Path(tok["path"]).is_file():

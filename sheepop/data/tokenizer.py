@@ -51,18 +51,18 @@ def file_hash(path: str | Path) -> str:
 
 def eot_token(cfg) -> str:
     """The document separator of a config (a Config, or the plain dict a run or checkpoint saved;
-    runs from before tokenizer.eot_token existed used <|endoftext|>)."""
+    runs from before tokenizer.eot existed used <|endoftext|>)."""
     tok = cfg["tokenizer"] if isinstance(cfg, dict) else cfg.tokenizer
-    return (tok.get("eot_token") if isinstance(tok, dict) else tok.eot_token) or EOT
+    return (tok.get("eot") if isinstance(tok, dict) else tok.eot) or EOT
 
 
 def eot_id(tok: Tokenizer, token: str = EOT) -> int:
-    """The id of the document separator (tokenizer.eot_token); one line when the tokenizer lacks it."""
+    """The id of the document separator (tokenizer.eot); one line when the tokenizer lacks it."""
     i = tok.token_to_id(token)
     if i is None:
         from sheepop.errors import UserError
 
         specials = [t.content for t in tok.get_added_tokens_decoder().values() if t.special][:8]
-        raise UserError(f"tokenizer.eot_token={token}: not a token of this tokenizer, and sheepop puts it "
+        raise UserError(f"tokenizer.eot={token}: not a token of this tokenizer, and sheepop puts it "
                         f"between documents; valid: one of its tokens, e.g. its special tokens {specials}")
     return i

@@ -251,7 +251,7 @@ def write_sample(cfg: Config, run_dir: Path) -> str:
 
     model, tok, _ = load_model(root(cfg))
     ids = tok.encode(cfg.trainer.sample_prompt).ids
-    text = complete(model, tok, ids, cfg.trainer.sample_tokens, eot=cfg.tokenizer.eot_token, temperature=0.8,
+    text = complete(model, tok, ids, cfg.trainer.sample_tokens, eot=cfg.tokenizer.eot, temperature=0.8,
                     top_k=40, seed=cfg.run.seed)[0]
     (run_dir / "sample.txt").write_text(text)
     return text

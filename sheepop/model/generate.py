@@ -149,7 +149,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 def complete(model: Transformer, tok, ids: list[int], max_new_tokens: int, *, num_samples: int = 1,
              heal: bool = True, eot: str = "<|endoftext|>", **kwargs) -> list[str]:
     """Texts of `num_samples` continuations of the prompt ids (prompt included), each ending at the
-    document separator `eot` (the run's tokenizer.eot_token), with token healing unless heal=False.
+    document separator `eot` (the run's tokenizer.eot), with token healing unless heal=False.
     kwargs go to generate (temperature, top_k, top_p, seed, ...)."""
     allowed = None
     if heal:

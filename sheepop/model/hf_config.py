@@ -115,14 +115,14 @@ def apply_init_from(cfg: "DictConfig", default_model: dict) -> None:
                             "folder with the model's tokenizer.json, or tokenizer.path=FILE")
         cfg.tokenizer.path = str(folder / "tokenizer.json")
     cfg.tokenizer.vocab_size = cfg.model.vocab_size  # its interpolation was resolved with the preset's size
-    cfg.tokenizer.eot_token = document_separator(cfg.tokenizer.path, cfg.tokenizer.eot_token, config)
+    cfg.tokenizer.eot = document_separator(cfg.tokenizer.path, cfg.tokenizer.eot, config)
 
 
 def document_separator(tokenizer_json: str, eot_token: str, config_json: dict) -> str:
     """The token `prepare` puts between documents for an imported model: the configured one when the
     tokenizer has it (sheepop's own exports have <|endoftext|>), else the model's end-of-sequence
     token from config.json (Llama 2's </s>, Llama 3's <|end_of_text|>), which is what it saw
-    between documents in pretraining. A tokenizer.eot_token the command line chose is kept (the
+    between documents in pretraining. A tokenizer.eot the command line chose is kept (the
     driver's check names it when the tokenizer lacks it; <|endoftext|> is TokenizerConfig's default)."""
     from tokenizers import Tokenizer
 

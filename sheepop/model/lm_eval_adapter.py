@@ -43,7 +43,7 @@ class SheepopLM(LM):
         self.batch_size = max(1, int(batch_size))
         self.max_len = model.args.max_seq_len
         self._device = next(model.parameters()).device
-        self.eot = eot  # the run's document separator (tokenizer.eot_token)
+        self.eot = eot  # the run's document separator (tokenizer.eot)
         eot_id = tokenizer.token_to_id(eot)
         # The harness scores an empty context from the end-of-text token (its prefix_token_id).
         self.eot_id = eot_id if eot_id is not None else 0

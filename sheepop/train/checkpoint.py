@@ -282,7 +282,7 @@ def check_hf(cfg: Config, *, training: bool = True) -> None:
         raise UserError(f"tokenizer.path={path} has {tok.get_vocab_size()} tokens, more than the model's vocab_size="
                         f"{cfg.model.vocab_size} ({folder}/config.json); valid: the model's own tokenizer.json")
     if training:  # the data pipeline ends every document with it
-        toklib.eot_id(tok, cfg.tokenizer.eot_token)
+        toklib.eot_id(tok, cfg.tokenizer.eot)
 
 
 def load_hf(model: torch.nn.Module, folder: str | Path) -> None:

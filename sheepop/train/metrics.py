@@ -275,6 +275,6 @@ def eval_extras(*, engine, cfg: Config, step: int, rank: int, sink: "MetricsSink
     was_training = model.training
     out = generate(model, ids, n, temperature=0.8, top_k=40, seed=cfg.run.seed)
     model.train(was_training)
-    eot = tok.token_to_id(cfg.tokenizer.eot_token)
+    eot = tok.token_to_id(cfg.tokenizer.eot)
     rows = [{"prompt": p, "text": p + tok.decode(o[: o.index(eot)] if eot in o else o)} for p, o in zip(prompts, out)]
     sink.samples(step, rows)

@@ -178,8 +178,8 @@ def test_the_driver_refuses_a_tokenizer_the_model_or_the_data_pipeline_cannot_us
     save_llama(tmp_path / "no-eot", tie=True)
     train_bpe([TEXT] * 50, 300, ["<|pad|>"]).save(str(tmp_path / "no-eot" / "tokenizer.json"))
     cfg = compose([f"trainer.init_from=hf:{tmp_path / 'no-eot'}"])
-    assert cfg.tokenizer.eot_token == "<|endoftext|>"
-    with pytest.raises(UserError, match="tokenizer.eot_token=<\\|endoftext\\|>: not a token of this tokenizer, "
+    assert cfg.tokenizer.eot == "<|endoftext|>"
+    with pytest.raises(UserError, match="tokenizer.eot=<\\|endoftext\\|>: not a token of this tokenizer, "
                                         "and sheepop puts it between documents; valid: .*'<\\|pad\\|>'"):
         check_hf(cfg)
     check_hf(cfg, training=False)  # sheepop import / generate do without it
@@ -187,7 +187,7 @@ def test_the_driver_refuses_a_tokenizer_the_model_or_the_data_pipeline_cannot_us
 
 def test_a_llama_tokenizer_without_endoftext_separates_documents_with_its_eos_token(tmp_path):
     """Llama's tokenizers end text with </s> or <|end_of_text|>, named by config.json's eos_token_id:
-    that becomes tokenizer.eot_token, `prepare` puts it after every document, export names it."""
+    that becomes tokenizer.eot, `prepare` puts it after every document, export names it."""
     from sheepop.data.shards import prepare
     from sheepop.data.tokenizer import train_bpe
     from sheepop.train.checkpoint import check_hf
@@ -199,12 +199,15 @@ def test_a_llama_tokenizer_without_endoftext_separates_documents_with_its_eos_to
     tok.save(str(folder / "tokenizer.json"))
     cfg = compose([f"trainer.init_from=hf:{folder}", "data=files", f"data.paths=[{tmp_path / 'in'}]",
                    f"data.out_dir={tmp_path / 'data'}", "data.val_fraction=0.1"])
-    assert cfg.tokenizer.eot_token == "</s>"
+    assert cfg.tokenizer.eot == "</s>"
+    from sheepop.config import redact
+
+    assert redact(cfg)["tokenizer"]["eot"] == "</s>"  # saved configs keep it (a *_token key would be redacted)
     check_hf(cfg)
     # What the command line chose is kept, and refused when the tokenizer lacks it.
-    assert compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot_token='<s>'"]).tokenizer.eot_token == "<s>"
-    with pytest.raises(UserError, match="tokenizer.eot_token=<eot>: not a token"):
-        check_hf(compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot_token='<eot>'"]))
+    assert compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot='<s>'"]).tokenizer.eot == "<s>"
+    with pytest.raises(UserError, match="tokenizer.eot=<eot>: not a token"):
+        check_hf(compose([f"trainer.init_from=hf:{folder}", "tokenizer.eot='<eot>'"]))
 
     planted_corpus(tmp_path / "in", n_distinct=40, n_near=0, n_exact=0)
     m = prepare(cfg, log=lambda *_: None)
