@@ -15,7 +15,8 @@ sheepop's training actually holds on each rank:
                   12 B, ÷N at ZeRO ≥ 1        adds an fp32 copy of the partition: 12 B ÷N
     buffers       gradient-reduce buckets (reduce_bucket_size elements of the gradient dtype, two
                   with overlap_comm at stages 1-2); at ZeRO-3 the gathered weights of ~2 blocks
-    activations   tensors saved for backward (flash attention, so nothing grows with seq²), under
+    activations   tensors saved for backward (flash attention, so nothing grows with seq², except with
+                  data.document_mask: SDPA saves an additive seq × seq mask per layer), under
                   bf16-autocast also the bf16 weight copies it saves (2 B/param, not sharded even
                   at ZeRO-3), and the logits' forward/backward transient. A checkpointed block
                   (model.activation_checkpointing) keeps only its input, its weight copies are not
@@ -66,7 +67,8 @@ def usable_bytes(gpu: GPU) -> float:
 MODES = ("bf16", "bf16-autocast", "fp32")  # trainer.precision once `auto` is resolved (engine.precision_mode)
 
 
-def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str) -> dict[str, float]:
+def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str,
+                     document_mask: bool = False) -> dict[str, float]:
     """Bytes of one micro-batch's activations: `saved` (kept for backward, counted from what
     autograd saves in sheepop's Transformer: see tests/unit/test_plan.py; with activation
     checkpointing also the block being recomputed) and `transient` (the logits' output and fp32
@@ -97,12 +99,21 @@ def activation_bytes(model: ModelConfig, micro: int, seq: int, precision: str) -
     blocks = (L - ckpt) * per_token_layer + ckpt * residual + (per_token_layer if ckpt else 0)
     tokens = micro * seq
     saved = tokens * (blocks + head)
+    if document_mask:  # data.document_mask, as measured with torch 2.13's SDPA (tests/unit/test_plan.py)
+        # SDPA turns the (micro, 1, seq, seq) boolean mask into an additive one in the query's dtype
+        # and saves it, in each layer that keeps its activations (and the block being recomputed);
+        # checkpointed blocks keep the boolean mask as their input (one copy, shared). RoPE's cos/sin
+        # become per window (micro, seq, head_dim/2, fp32 each) instead of shared by the batch.
+        pairs = micro * seq * seq
+        rope = 2 * (micro - 1) * seq * (model.head_dim // 2) * 4
+        saved += ((L - ckpt + (1 if ckpt else 0)) * (4 if precision == "fp32" else 2) * pairs
+                  + (pairs if ckpt else 0) + rope * (2 if ckpt else 1))
     return {"saved": saved, "transient": tokens * V * (b + 4)}
 
 
 def memory(model: ModelConfig, *, stage: int, world: int, micro: int, seq: int, precision: str = "bf16",
            offload_optimizer: bool = False, offload_params: bool = False, reduce_bucket_size: int = 50_000_000,
-           overlap_comm: bool = True, grad_accum: str = "auto") -> dict:
+           overlap_comm: bool = True, grad_accum: str = "auto", document_mask: bool = False) -> dict:
     """Bytes per rank on the GPU (params, grads, optimizer, buffers, activations, total) and
     in CPU memory (cpu) for one ZeRO configuration. precision: one of MODES."""
     from sheepop.config import grad_accum_dtype
@@ -131,7 +142,7 @@ def memory(model: ModelConfig, *, stage: int, world: int, micro: int, seq: int, 
     elif stage == 3:
         buffers = reduce_bucket_size * w + 2 * w * max(block, model.vocab_size * model.d_model)
     buffers = min(buffers, w * n * 2)  # buckets never exceed what they carry
-    act = activation_bytes(model, micro, seq, precision)
+    act = activation_bytes(model, micro, seq, precision, document_mask)
     # autocast's bf16 casts, saved for backward; checkpointed blocks' only while one is recomputed.
     ckpt = len(checkpointed_layers(model.n_layers, model.activation_checkpointing, model.activation_checkpointing_every))
     weight_copies = 2 * (n - max(ckpt - 1, 0) * block) if precision == "bf16-autocast" else 0
@@ -166,7 +177,8 @@ def _mem_for(cfg: Config, *, stage: int | None = None, world: int | None = None,
                   micro=micro or t.micro_batch_size, seq=t.seq_len or cfg.model.max_seq_len, precision=_precision(cfg),
                   offload_optimizer=p.offload_optimizer if offload_optimizer is None else offload_optimizer,
                   offload_params=p.offload_params if offload_params is None else offload_params,
-                  reduce_bucket_size=p.reduce_bucket_size, overlap_comm=p.overlap_comm, grad_accum=t.grad_accum_dtype)
+                  reduce_bucket_size=p.reduce_bucket_size, overlap_comm=p.overlap_comm, grad_accum=t.grad_accum_dtype,
+                  document_mask=cfg.data.document_mask)
 
 
 def _checkpointing(cfg: Config) -> str:
@@ -285,13 +297,15 @@ def render(s: dict, cfg: Config) -> str:
     lines = [
         f"model {cfg.model.name}: {s['params']:,} parameters ({human(s['params'])}): "
         f"embedding {s['embedding_params']:,} (token table), non-embedding {s['non_embedding_params']:,}",
-        f"FLOPs per token (train, fwd+bwd): {human(s['flops_per_token'], 'FLOP')}",
+        f"FLOPs per token (train, fwd+bwd): {human(s['flops_per_token'], 'FLOP')}"
+        + (" (whole windows: with data.document_mask attention does less, which training's MFU counts per step)"
+           if cfg.data.document_mask else ""),
         f"batch: {bp.global_batch_size} sequences × {bp.seq_len} tokens = {bp.tokens_per_step:,} tokens per "
         f"optimizer step (micro {bp.micro_batch_size} × accum {bp.grad_accum_steps} × {s['world']} GPUs)",
         f"run: {s['steps']:,} steps = {s['tokens']:,} tokens ({human(s['tokens'])})",
         "",
         f"memory per GPU, {unit_name} ({s['world']} × {s['gpu']}, {s['usable_gib']:.1f} GiB usable; "
-        f"{_precision(cfg)}, AdamW{_checkpointing(cfg)}):",
+        f"{_precision(cfg)}, AdamW{_checkpointing(cfg)}{', document mask' if cfg.data.document_mask else ''}):",
         f"  {'ZeRO':<16}{'params':>8}{'grads':>8}{'optim':>8}{'buffers':>9}{'activ.':>8}{'total':>8}"
         f"{'CPU/rank':>10}  fits",
     ]

@@ -122,9 +122,8 @@ def _run_data(out_dir: str) -> Path:
 
 def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | None = None,
              max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = 8, seq_len: int = 0) -> dict:
-    """Loss and perplexity of a run's latest checkpoint on a split or a file set."""
-    from sheepop.data.shards import load_manifest
-    from sheepop.data.tokenizer import file_hash
+    """Loss and perplexity of a run's latest checkpoint on a split (of each source, for a data.mixture
+    run, then their mean by the mixture's weights: as training's val_loss) or a file set."""
     from sheepop.train.checkpoint import load_model
 
     model, tok, meta = load_model(run_dir)
@@ -145,21 +144,46 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
         else:
             if split not in ("train", "val"):
                 raise UserError(f"split={split}; valid: train, val")
-            data_dir = _run_data(cfg["data"]["out_dir"])
-            if not (data_dir / "manifest.json").is_file():
-                raise UserError(f"the run's prepared data ({data_dir}) is not there (relative paths are from the "
-                                f"directory training ran in); run `sheepop prepare` with the run's data and tokenizer "
-                                f"settings, or pass data=... to score files")
-            manifest = load_manifest(data_dir)
-            if manifest["tokenizer"]["sha256_16"] != file_hash(ckpt_tok):
-                raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
-                                "prepare it again with tokenizer.path=<checkpoint>/tokenizer.json or pass data=...")
-            splits, what = [split], f"{split} split of {data_dir}"
+            mixture = cfg["data"].get("mixture") or []
+            if mixture:  # a data.mixture run: each source's split, then their mean by the mixture's weights
+                total = sum(float(s["weight"]) for s in mixture)
+                sources = []
+                for s in mixture:
+                    r = _score_split(model, s["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
+                    sources.append({**r, "name": s["name"], "weight": float(s["weight"]) / total})
+                loss = sum(s["weight"] * s["loss"] for s in sources)
+                result = {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(s["tokens"] for s in sources),
+                          "windows": sum(s["windows"] for s in sources), "sources": sources}
+                what = f"{split} split of the data mixture (weighted by {', '.join(s['name'] for s in sources)})"
+                return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
+                        "seconds": time.time() - t0}
+            result = _score_split(model, cfg["data"]["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
+            return {**result, "what": f"{split} split of {result.pop('data_dir')}", "seq_len": seq,
+                    "step": meta["step"], "checkpoint": meta["path"], "seconds": time.time() - t0}
         result = score(model, token_stream(data_dir, manifest, splits), seq_len=seq, max_tokens=max_tokens,
                        batch_size=batch_size)
         del manifest  # memmaps close with the arrays; the temp folder goes next
     return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
             "seconds": time.time() - t0}
+
+
+def _score_split(model, out_dir: str, split: str, ckpt_tok: Path, seq: int, max_tokens: int, batch_size: int) -> dict:
+    """Loss of the model on one split of a run's prepared data (checked against the checkpoint's tokenizer)."""
+    from sheepop.data.shards import load_manifest
+    from sheepop.data.tokenizer import file_hash
+
+    data_dir = _run_data(out_dir)
+    if not (data_dir / "manifest.json").is_file():
+        raise UserError(f"the run's prepared data ({data_dir}) is not there (relative paths are from the "
+                        f"directory training ran in); run `sheepop prepare` with the run's data and tokenizer "
+                        f"settings, or pass data=... to score files")
+    manifest = load_manifest(data_dir)
+    if manifest["tokenizer"]["sha256_16"] != file_hash(ckpt_tok):
+        raise UserError(f"{data_dir} was prepared with a different tokenizer than the checkpoint's; "
+                        "prepare it again with tokenizer.path=<checkpoint>/tokenizer.json or pass data=...")
+    result = score(model, token_stream(data_dir, manifest, [split]), seq_len=seq, max_tokens=max_tokens,
+                   batch_size=batch_size)
+    return {**result, "data_dir": str(data_dir)}
 
 
 def _results_location(run_dir: str, checkpoint: str) -> str:
@@ -256,6 +280,9 @@ def main(argv: list[str]) -> int:
     r = evaluate(o["run.dir"], split=o.get("split", "val"), data_overrides=data_overrides,
                  max_tokens=o.get("max_tokens", DEFAULT_MAX_TOKENS), batch_size=o.get("batch_size", 8),
                  seq_len=o.get("seq_len", 0))
+    for s in r.get("sources", []):  # a data.mixture run: each source, then their weighted mean
+        print(f"  {s['name']} ({s['weight']:.1%}): loss {s['loss']:.4f}, perplexity {s['perplexity']:.2f} "
+              f"({s['tokens']:,} tokens in {s['windows']:,} windows)")
     print(f"{r['what']}: loss {r['loss']:.4f}, perplexity {r['perplexity']:.2f} "
           f"({r['tokens']:,} tokens in {r['windows']:,} windows of {r['seq_len']}; step {r['step']}, "
           f"{r['seconds']:.1f}s)")

@@ -205,11 +205,22 @@ def num_params(args: ModelConfig, embedding: bool = True) -> int:
     return body + (emb if embedding else (0 if args.tie_embeddings else args.vocab_size * d))
 
 
-def flops_per_token(args: ModelConfig, seq_len: int) -> float:
+def flops_per_token(args: ModelConfig, seq_len: int, attended: float | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), PaLM appendix B style:
     6 × non-embedding params (the output head counts) + 12 · layers · d · seq for attention scores.
 
-    With data.document_mask the attention work depends on where documents end in each window; the
-    whole window is still counted, as without it, so MFU is then an upper bound of the work done."""
+    attended: with data.document_mask, the attention span that replaces seq (document_attended:
+    each window's Σ document length² / seq_len, as PaLM counts a window's full seq² square); the
+    loop computes it per step for MFU. None: the whole window (the figure before any data is seen,
+    an upper bound with the mask)."""
     matmul_params = num_params(args, embedding=False) + (args.vocab_size * args.d_model if args.tie_embeddings else 0)
-    return 6 * matmul_params + 12 * args.n_layers * args.d_model * seq_len
+    return 6 * matmul_params + 12 * args.n_layers * args.d_model * (seq_len if attended is None else attended)
+
+
+def document_attended(doc_ids: torch.Tensor) -> float:
+    """The attention span flops_per_token counts for windows with document masks, from doc_ids
+    (B, T): a window of documents of lengths n_i has Σ n_i² query-key pairs where an unmasked one
+    has T², so its span is Σ n_i² / T (T for a single document); the mean over the B windows."""
+    B, T = doc_ids.shape
+    lengths = torch.zeros(B, T, dtype=torch.float64).scatter_add_(1, doc_ids.cpu(), torch.ones(B, T, dtype=torch.float64))
+    return float((lengths ** 2).sum() / (B * T))

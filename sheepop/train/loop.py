@@ -23,7 +23,7 @@ from sheepop import startup
 from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
-from sheepop.model.transformer import Transformer, flops_per_token
+from sheepop.model.transformer import Transformer, document_attended, flops_per_token
 from sheepop.train import checkpoint, checkpoint_files, engine as eng
 from sheepop.train.guard import DivergenceGuard
 from sheepop.train.profile import StepProfiler
@@ -187,8 +187,11 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at its end)
         loss_sum = torch.zeros((), device=device)
         window = data_step(step, state["skip_steps"])
+        attended = 0.0  # data.document_mask: the step's attention span (flops_per_token), for MFU
         for m in range(accum):
             x, y = train_data.micro_batch(seed, window, rank=rank, world=world, micro=micro, accum=accum, index=m)
+            if eot is not None:
+                attended += document_attended(document_ids(x, eot)) / accum
             if debug and debug.spike_at_step == window + 1:  # debug.spike_at_step: this window's targets are noise
                 y = torch.randint(0, args.vocab_size, y.shape, generator=torch.Generator().manual_seed(seed + m))
             with autocast():
@@ -236,7 +239,8 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                 "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
                 "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
         last.update({f"tokens/{n}": v for n, v in state.get("source_tokens", {}).items()} if plan.mixture else {})
-        last.update(step_extras(flops_per_token=fpt, tokens_per_sec=last["tokens_per_sec"], world_size=world,
+        last.update(step_extras(flops_per_token=fpt if eot is None else flops_per_token(args, seq, attended),
+                                tokens_per_sec=last["tokens_per_sec"], world_size=world,
                                 device=device, precision=compute))
         spike = spikes.check(last["loss"], last["grad_norm"]) if t_cfg.on_spike != "skip" else None
         if spike and t_cfg.on_spike != "warn":

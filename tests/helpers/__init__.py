@@ -244,10 +244,10 @@ class RayNode:
         _end(self.proc)
 
 
-def saved_bytes(model, idx, precision: str, block: int | None = None) -> int:
+def saved_bytes(model, idx, precision: str, block: int | None = None, doc_ids=None) -> int:
     """Bytes autograd saves in a training forward of a sheepop Transformer (weights aside). block:
     those of that block's own forward alone, which is what a checkpointed block saves again while
-    backward recomputes it."""
+    backward recomputes it. doc_ids: data.document_mask's document index of each position."""
     import functools
 
     import torch
@@ -263,11 +263,14 @@ def saved_bytes(model, idx, precision: str, block: int | None = None) -> int:
             seen[s.data_ptr()] = s.nbytes()
         return t
 
-    run = functools.partial(model, idx, idx)
+    run = functools.partial(model, idx, idx, doc_ids=doc_ids)
     if block is not None:  # its input (made outside the hooks) and its class forward, never checkpointed
+        from sheepop.model.transformer import document_attention
+
         b, x = model.layers[block], model.tok_emb(idx)
-        cos, sin = rope_angles(torch.arange(idx.shape[1]), model.args.head_dim, model.args.rope_theta)
-        run = functools.partial(type(b).forward, b, x, cos, sin)
+        positions, mask = document_attention(doc_ids) if doc_ids is not None else (torch.arange(idx.shape[1]), None)
+        cos, sin = rope_angles(positions, model.args.head_dim, model.args.rope_theta)
+        run = functools.partial(type(b).forward, b, x, cos, sin, None, mask)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-autocast"):
         run()

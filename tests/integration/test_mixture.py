@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 from sheepop.data.loader import MixtureWindows, TokenWindows
 from sheepop.data.mixture import tokens_seen
@@ -50,6 +51,13 @@ def test_a_mixture_run_logs_tokens_and_val_loss_per_source_exactly_across_a_resu
 
     saved = json.loads((run / "checkpoints" / "step_000005" / "meta.json").read_text())
     assert saved["source_tokens"] == {"prose": steps[5]["tokens/prose"], "caps": steps[5]["tokens/caps"]}
+    # `sheepop eval` scores each source's validation split and their weighted mean, as training does.
+    ev = sheepop("eval", f"run.dir={run}", "split=val", "max_tokens=2000")
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    per = {m[0]: float(m[1]) for m in re.findall(r"^  (\w+) \(\d+\.\d%\): loss (\d+\.\d+)", ev.stdout, re.M)}
+    assert set(per) == {"prose", "caps"} and "  prose (70.0%)" in ev.stdout, ev.stdout
+    mean = float(re.search(r"val split of the data mixture .*: loss (\d+\.\d+)", ev.stdout).group(1))
+    assert abs(mean - (0.7 * per["prose"] + 0.3 * per["caps"])) < 1e-3, ev.stdout
     _, md = write_report(run)
     text = md.read_text()
     assert "## Data mixture" in text and "## Data funnel: prose" in text and "## Data funnel: caps" in text

@@ -46,6 +46,12 @@ def test_tasks_are_scored_on_checkpoints_while_training_goes_on(tmp_path):
                                            for t in tasks], section.md
     # The harness's output stays out of the run's own output.
     assert "python_mc" not in r.stdout and (run / "logs" / "eval_tasks.log").is_file()
+    # The same checkpoint and task give the same score twice: `sheepop eval` by hand agrees.
+    again = sheepop("eval", f"run.dir={run / 'checkpoints' / 'step_000004'}", "tasks=python_mc", "limit=6",
+                    f"out={tmp_path / 'again.json'}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "again.json").read_text())["table"][0]["value"] == \
+        tasks[1]["scores"]["tasks/python_mc/acc"]
 
 
 def test_an_unknown_task_is_one_line_before_anything_starts(tmp_path):

@@ -94,3 +94,17 @@ def test_the_flag_leaves_the_prepared_data_as_it_is():
     """The shards are the same either way: turning it on reuses data prepared without it."""
     base = ["model=tiny", *TINY_DATA]
     assert fingerprint(compose(base)) == fingerprint(compose([*base, "data.document_mask=true"]))
+
+
+def test_mfu_counts_the_attention_the_document_mask_leaves():
+    """A window of documents of lengths 3, 2, 3 (T = 8) has 9 + 4 + 9 = 22 query-key pairs where an
+    unmasked window has 64: its attention span is 22 / 8; a single-document window keeps T."""
+    from sheepop.model.transformer import document_attended, flops_per_token
+
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [0, 0, 0, 0, 0, 0, 0, 0]])
+    assert document_attended(ids[:1]) == 22 / 8 and document_attended(ids[1:]) == 8
+    assert document_attended(ids) == (22 / 8 + 8) / 2
+    assert document_attended(document_ids(torch.tensor([[5, EOT, 7, 7, EOT, 1]]), EOT)) == (4 + 9 + 1) / 6
+    full = flops_per_token(ARGS, 8)
+    assert flops_per_token(ARGS, 8, attended=8.0) == full
+    assert full - flops_per_token(ARGS, 8, attended=22 / 8) == 12 * ARGS.n_layers * ARGS.d_model * (8 - 22 / 8)

@@ -86,6 +86,35 @@ def test_activation_estimate_matches_autograd_saved_tensors(shape, precision, ch
     assert est == pytest.approx(measured - weight_copies, rel=0.1)
 
 
+@pytest.mark.parametrize("checkpointing", ["none", "full", "selective"])
+@pytest.mark.parametrize("precision", plan.MODES)
+def test_document_mask_memory_matches_autograd_saved_tensors(precision, checkpointing):
+    """data.document_mask: what the mask adds to the saved tensors (an additive seq × seq mask per
+    layer that keeps activations, the boolean one as checkpointed blocks' input, per-window RoPE
+    angles) is exactly what the plan adds (the rest: test_activation_estimate_matches_autograd_saved_tensors)."""
+    from sheepop.data.loader import document_ids
+
+    args = ModelConfig(max_seq_len=256, activation_checkpointing=checkpointing, vocab_size=4096, d_model=384,
+                       n_layers=4, n_heads=6, n_kv_heads=2, d_ff=1024)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    activation_checkpointing.apply(model, checkpointing, args.activation_checkpointing_every)
+    ckpt = len(checkpointed_layers(args.n_layers, checkpointing, args.activation_checkpointing_every))
+    if precision == "bf16":
+        for p in model.parameters():
+            p.data = p.data.bfloat16()
+    idx = torch.randint(8, args.vocab_size, (2, 256))
+    idx[:, 40::50] = 7  # token 7 ends a document: six per window
+    doc_ids = document_ids(idx, 7)
+
+    def measured(**kw):
+        return saved_bytes(model, idx, precision, **kw) + (saved_bytes(model, idx, precision, block=0, **kw) if ckpt else 0)
+
+    est_off, est_on = (plan.activation_bytes(args, 2, 256, precision, document_mask=m)["saved"] for m in (False, True))
+    assert est_on - est_off == measured(doc_ids=doc_ids) - measured()
+    assert est_on > est_off + (args.n_layers - ckpt) * 2 * 256 * 256 * 2  # the seq² term: a layer's mask each
+
+
 def test_plan_shows_less_activation_memory_with_checkpointing(capsys):
     base = ["model=llama-1b", "cluster.gpu=h100-80gb"]
     act = {mode: plan.summary(_cfg(*base, f"model.activation_checkpointing={mode}"))["chosen"]["activations"]
