@@ -37,6 +37,7 @@ def test_training_with_the_document_mask_finishes_with_a_finite_loss(tmp_path):
         span = sum(document_attended(document_ids(x, manifest["tokenizer"]["eot_id"])) for x in windows) / accum
         logged = row["mfu"] * row["peak_flops"] / row["tokens_per_sec"]
         assert logged == pytest.approx(flops_per_token(cfg.model, seq, span), rel=1e-6), row
-        assert logged <= start["flops_per_token"] == flops_per_token(cfg.model, seq)
+        assert start["flops_per_token"] == flops_per_token(cfg.model, seq)
+        assert logged <= start["flops_per_token"] * (1 + 1e-9)  # backed out of floats: equal within rounding
         spans.append(span)
     assert min(spans) < seq  # some step's windows held a document boundary (a single document: span = seq)
