@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -221,6 +223,7 @@ def document_attended(doc_ids: torch.Tensor) -> float:
     """The attention span flops_per_token counts for windows with document masks, from doc_ids
     (B, T): a window of documents of lengths n_i has Σ n_i² query-key pairs where an unmasked one
     has T², so its span is Σ n_i² / T (T for a single document); the mean over the B windows."""
-    B, T = doc_ids.shape
-    lengths = torch.zeros(B, T, dtype=torch.float64).scatter_add_(1, doc_ids.cpu(), torch.ones(B, T, dtype=torch.float64))
+    B, T = doc_ids.shape  # host arithmetic on the loader's ids (numpy): it never waits for a device
+    ids = doc_ids.cpu().numpy() + T * np.arange(B)[:, None]  # each window's documents numbered apart
+    lengths = np.bincount(ids.ravel(), minlength=B * T).astype(np.float64)
     return float((lengths ** 2).sum() / (B * T))

@@ -26,6 +26,7 @@ from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, document_attended, flops_per_token
 from sheepop.train import checkpoint, checkpoint_files, engine as eng
 from sheepop.train.guard import DivergenceGuard
+from sheepop.train.host_reads import LaggedFlags, StepValue, StepValues
 from sheepop.train.profile import StepProfiler
 from sheepop.train.metrics import MetricsSink, eval_extras, step_extras
 from sheepop.train.run_plan import RunPlan
@@ -178,24 +179,32 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     pending_save: str | None = None  # a save request that arrived on a step that was then undone
     skips_in_a_row = 0  # on_spike=skip: consecutive skipped steps (too many = diverged)
     debug = cfg.debug if state["attempt"] == 0 else None  # fault injection: a run's first attempt only
+    values, requests = StepValues(), LaggedFlags()  # device values read only where needed (sheepop.train.host_reads)
+    mark = (time.perf_counter(), state["step"])  # since the last read: its time and step (throughput)
+
+    def line(row: StepValue) -> dict:
+        """A step's metrics line from its host values."""
+        return {"step": row.step, "loss": row.loss, "lr": row.lr, "grad_norm": row.grad_norm,
+                "tokens": state["tokens"] - (state["step"] - row.step) * batch.tokens_per_step}
+
     while state["step"] < t_cfg.max_steps:
         step = state["step"]
         watchdog.beat("step", step)
         if debug and debug.hang_at_step == step + 1 and debug.hang_rank == rank:
             time.sleep(10**7)  # debug.hang_*: this rank stops here; the others wait in the next collective
-        t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on at its end)
         loss_sum = torch.zeros((), device=device)
         window = data_step(step, state["skip_steps"])
         attended = 0.0  # data.document_mask: the step's attention span (flops_per_token), for MFU
         for m in range(accum):
             x, y = train_data.micro_batch(seed, window, rank=rank, world=world, micro=micro, accum=accum, index=m)
-            if eot is not None:
-                attended += document_attended(document_ids(x, eot)) / accum
+            doc_ids = document_ids(x, eot) if eot is not None else None  # data.document_mask
+            if doc_ids is not None:
+                attended += document_attended(doc_ids) / accum
             if debug and debug.spike_at_step == window + 1:  # debug.spike_at_step: this window's targets are noise
                 y = torch.randint(0, args.vocab_size, y.shape, generator=torch.Generator().manual_seed(seed + m))
             with autocast():
-                loss = engine(x.to(device), y.to(device), **docs(x))
+                loss = engine(x.to(device), y.to(device), **({} if doc_ids is None else {"doc_ids": doc_ids.to(device)}))
             watchdog.beat("backward", step)  # where ranks wait for each other's gradients
             engine.backward(loss)
             loss_sum += loss.detach().float()
@@ -203,19 +212,27 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                 engine.step()  # accumulates; the last micro-batch's step applies the update, below
         # One all-reduce carries the loss and every rank's stop and save requests. It comes before the
         # step that applies the update, so that a spike can still cancel that update (on_spike=skip).
+        # The requests are read on the next step (LaggedFlags), so nothing here waits for the device.
         watchdog.beat("sync", step)
         stop_why, save_why = stop.poll()
-        save_why = save_why or pending_save
-        buf = torch.stack([loss_sum / accum, torch.tensor(float(stop_why is not None), device=device),
-                           torch.tensor(float(save_why is not None), device=device)])
+        asks = torch.tensor([float(stop_why is not None), float(save_why is not None)]).to(device, non_blocking=True)
+        buf = torch.cat([(loss_sum / accum).reshape(1), asks])
         dist.all_reduce(buf)
+        asked = requests.pop()  # the previous step's requests, the same on every rank
+        requests.push(buf[1:], (stop_why, save_why))
+        stop_now = save_now = None
+        if asked is not None:
+            (stop_flag, save_flag), (stop_reason, save_reason) = asked
+            stop_now = (stop_reason or "another rank was asked to stop") if stop_flag > 0 else None
+            save_now = (save_reason or "another rank was asked to save") if save_flag > 0 else None
+        save_now = save_now or pending_save
+        # on_spike=skip decides before the update, so it reads this step's loss now (a host sync every step).
         skip_why = spikes.check((buf[0] / world).item(), None) if t_cfg.on_spike == "skip" else None
         gate.skip = skip_why is not None
         engine.step()
         gate.skip = False
-        # A save asked for on a step that is undone (skipped, rolled back) is taken on the next one.
-        pending_save = (save_why or "another rank was asked to save") if buf[2].item() > 0 else None
         if skip_why:
+            pending_save = save_now  # a save asked for on a step that is undone is taken on the next one
             skips_in_a_row += 1
             sink.log({"step": step + 1, "loss": (buf[0] / world).item(), "lr": lr, "grad_norm": _grad_norm(engine),
                       "tokens": state["tokens"]})  # the step is retried on the next window: readers take its last line
@@ -234,29 +251,48 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             counts = train_data.source_counts(seed, window, batch.global_batch_size)
             for s, c in zip(plan.mixture, counts):
                 state["source_tokens"][s.name] += int(c) * seq
-        dt = time.perf_counter() - t0
-        last = {"step": step, "loss": (buf[0] / world).item(), "lr": lr,
-                "grad_norm": _grad_norm(engine), "tokens": state["tokens"],
-                "tokens_per_sec": batch.tokens_per_step / dt, "step_time": dt}
-        last.update({f"tokens/{n}": v for n, v in state.get("source_tokens", {}).items()} if plan.mixture else {})
-        last.update(step_extras(flops_per_token=fpt if eot is None else flops_per_token(args, seq, attended),
-                                tokens_per_sec=last["tokens_per_sec"], world_size=world,
-                                device=device, precision=compute))
-        spike = spikes.check(last["loss"], last["grad_norm"]) if t_cfg.on_spike != "skip" else None
-        if spike and t_cfg.on_spike != "warn":
-            sink.log(last)
+        values.add(step, window, lr, buf[0] / world, engine.get_global_grad_norm(),
+                   attended if eot is not None else None)
+        evals = bool(t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps)
+        logs = step % t_cfg.log_every == 0 or evals
+        saves = bool(stop_now or save_now or step == t_cfg.max_steps
+                     or (t_cfg.save_every and step % t_cfg.save_every == 0) or tasks.due(step))
+        if not (logs or saves):
+            continue  # nothing needs a host value: the device runs on
+        # Read every step since the last read (one host sync); the spike detector and the divergence
+        # guard see each of them in order, so a spike between two reads is handled at the next one.
+        rows = values.read()
+        elapsed, steps_run = time.perf_counter() - mark[0], step - mark[1]
+        spiked = None
+        for row in rows:
+            spike = spikes.check(row.loss, row.grad_norm) if t_cfg.on_spike != "skip" else None
+            if spike and t_cfg.on_spike != "warn":
+                spiked = (row, spike)
+                break
+            if spike:
+                sink.event("spike", step=row.step, reason=spike, action="warn")
+            diverged = guard.check(row.loss, row.grad_norm)
+            if diverged:
+                abort("diverged", diverged, f"training diverged at step {row.step}: {diverged}; no checkpoint was "
+                                            f"taken since it began, so trainer.resume=auto restarts from the last "
+                                            f"good one; lower trainer.lr={t_cfg.lr}")
+        if spiked:
+            row, spike = spiked
+            sink.log(line(row))
             if t_cfg.on_spike == "stop":
-                abort("spike", spike, f"loss spike at step {step}: {spike}; stopped (trainer.on_spike=stop); "
+                abort("spike", spike, f"loss spike at step {row.step}: {spike}; stopped (trainer.on_spike=stop); "
                                       f"trainer.resume=auto restarts from the last checkpoint, "
-                                      f"trainer.skip_steps=[{window + 1}] skips its data")
+                                      f"trainer.skip_steps=[{row.window + 1}] skips its data")
             if state["rollbacks"] >= t_cfg.max_rollbacks or good[0] is None:  # skipping data does not help: diverged
                 why = (f"after {state['rollbacks']} rollback(s) (trainer.max_rollbacks)" if good[0] is not None
                        else "with no checkpoint to roll back to")
-                abort("diverged", spike, f"training diverged at step {step}: {spike} {why}; lower trainer.lr={t_cfg.lr}")
+                abort("diverged", spike, f"training diverged at step {row.step}: {spike} {why}; "
+                                         f"lower trainer.lr={t_cfg.lr}")
             # trainer.skip_steps counts windows as a run without skips numbers its steps: the windows
-            # this step and the rollback_skip - 1 before it trained on
-            skip = [data_step(i, state["skip_steps"]) + 1 for i in range(max(0, step - t_cfg.rollback_skip), step)]
-            sink.event("spike", step=step, reason=spike, action="rollback", skip_steps=skip)
+            # the spiking step and the rollback_skip - 1 before it trained on
+            skip = [data_step(i, state["skip_steps"]) + 1
+                    for i in range(max(0, row.step - t_cfg.rollback_skip), row.step)]
+            sink.event("spike", step=row.step, reason=spike, action="rollback", skip_steps=skip)
             back = _rollback(engine, good, rank, uploads)
             state.update(_merged(back, state), attempt=state["attempt"], rollbacks=state["rollbacks"] + 1,
                          skip_steps=sorted(set(state["skip_steps"]) | set(skip) | set(back.get("skip_steps", []))))
@@ -265,31 +301,34 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
             gate.lr_scale_until = state.get("lr_scale_until", 0)
             engine.lr_scheduler.refresh()  # the checkpoint brought back the rate it saved
             guard = DivergenceGuard(args.vocab_size)
-            sink.event("rollback", step=state["step"], from_step=step, checkpoint=str(good[0]),
+            sink.event("rollback", step=state["step"], from_step=row.step, checkpoint=str(good[0]),
                        skip_steps=state["skip_steps"], rollbacks=state["rollbacks"],
                        lr_scale=t_cfg.rollback_lr_scale if t_cfg.rollback_lr_steps else 1.0,
                        lr_scale_until=state.get("lr_scale_until", 0))
+            pending_save = save_now  # taken after the rollback (a stop is sticky: the next step reads it again)
+            mark = (time.perf_counter(), state["step"])
             continue
-        if spike:
-            sink.event("spike", step=step, reason=spike, action="warn")
-        diverged = guard.check(last["loss"], last["grad_norm"])
-        if diverged:
-            abort("diverged", diverged, f"training diverged at step {step}: {diverged}; no checkpoint was taken "
-                                        f"since it began, so trainer.resume=auto restarts from the last good one; "
-                                        f"lower trainer.lr={t_cfg.lr}")
-        if t_cfg.eval_every and step % t_cfg.eval_every == 0 or step == t_cfg.max_steps:
+        pending_save = None
+        # Throughput over the steps since the last read: on a GPU a single step's time is only what
+        # the host took to queue it.
+        tokens_per_sec = steps_run * batch.tokens_per_step / elapsed
+        spans = [r.attended for r in rows if r.attended is not None]
+        last = {**line(rows[-1]), "tokens_per_sec": tokens_per_sec, "step_time": elapsed / steps_run}
+        last.update({f"tokens/{n}": v for n, v in state.get("source_tokens", {}).items()} if plan.mixture else {})
+        last.update(step_extras(flops_per_token=fpt if not spans else flops_per_token(args, seq, sum(spans) / len(spans)),
+                                tokens_per_sec=tokens_per_sec, world_size=world, device=device, precision=compute))
+        if evals:
             watchdog.beat("eval", step)
             last.update(evaluate())
             eval_extras(engine=engine, cfg=cfg, step=step, rank=rank, sink=sink, tokenizer=data_dir / "tokenizer.json")
-        if step % t_cfg.log_every == 0 or "val_loss" in last or step == t_cfg.max_steps:
+        if logs:
             sink.log(last)
             for result in tasks.poll():
                 sink.task_scores(result)
-        stopped, save_now, pending_save = buf[1].item() > 0, buf[2].item() > 0, None
+        stopped = stop_now is not None
         if save_now:
-            sink.event("save_requested", step=step, reason=save_why or "another rank was asked to save")
-        if (stopped or save_now or step == t_cfg.max_steps or (t_cfg.save_every and step % t_cfg.save_every == 0)
-                or tasks.due(step)):
+            sink.event("save_requested", step=step, reason=save_now)
+        if saves:
             if guard.suspect:  # never let a diverging model displace a good checkpoint
                 sink.event("checkpoint_skipped", step=step, reason="the loss looks like divergence")
             else:
@@ -297,8 +336,9 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                 if tasks.due(step):
                     tasks.submit(step, good[0])
         if stopped:
-            sink.event("stop", step=step, reason=stop_why or "another rank was asked to stop")
+            sink.event("stop", step=step, reason=stop_now)
             break
+        mark = (time.perf_counter(), step)  # evaluation and saving are not training time
 
     profiler.close()
     watchdog.close()  # what follows waits on uploads, which have no step-sized timeout
