@@ -54,7 +54,10 @@ def test_sigterm_and_sheepop_stop_save_and_resume_continues_the_losses(tmp_path,
 
     # 2. The same run resumed as a Ray Job, then `sheepop stop` (Ray Jobs' SIGTERM to the entrypoint).
     first = stop["step"]
-    r = sheepop("submit", "--address", ray_head.address, "--stop-grace", "120", *base, "cluster.num_workers=2")
+    # An evaluation every 2 steps slows the job (not its losses) so that it cannot finish its 70 steps
+    # in the seconds `sheepop stop` takes to reach it: without it a fast machine raced past the stop.
+    r = sheepop("submit", "--address", ray_head.address, "--stop-grace", "120", *base, "cluster.num_workers=2",
+                "trainer.eval_every=2")
     assert r.returncode == 0, r.stdout + r.stderr
     (job_id,) = re.findall(r"^submitted (\S+)", r.stdout, re.M)
     wait_for(lambda: logged_step(run) >= first + 5, 600, "the job to train 5 steps")  # a hang guard
