@@ -12,11 +12,13 @@ from sheepop.config import Config
 from sheepop.train.engine import compute_dtype, lr_lambda, param_groups
 
 
-def make_step(model: torch.nn.Module, cfg: Config):
-    """step(window) → loss, for windows of shape (batch, seq + 1). `model` may be wrapped in DDP."""
+def make_step(model: torch.nn.Module, cfg: Config, fused: bool = False):
+    """step(window) → loss, for windows of shape (batch, seq + 1). `model` may be wrapped in DDP.
+    fused: torch's fused AdamW (what sheepop uses, trainer.fused_optimizer) instead of its default."""
     t = cfg.trainer
     inner = getattr(model, "module", model)
-    opt = torch.optim.AdamW(param_groups(inner, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    opt = torch.optim.AdamW(param_groups(inner, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                            **({"fused": True} if fused else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     amp = compute_dtype(t.precision)
 
