@@ -129,7 +129,7 @@ class TrainerConfig:
     fused_optimizer: bool = True  # torch's fused AdamW kernel, one pass over the weights (8x torch's CPU default here: bench/optimizer_step.py); false = torch's default
     grad_clip: float = 1.0  # global norm; 0 disables
     precision: str = "auto"  # one of PRECISIONS (auto: bf16 where the hardware has it; see engine.precision_mode)
-    grad_accum_dtype: str = "auto"  # bf16 mode: what gradients accumulate and reduce in; auto = fp32 at ZeRO 2-3, bf16 at stages 0-1 (see config.grad_accum_dtype) | fp32 | bf16
+    grad_accum_dtype: str = "auto"  # bf16 mode: what gradients accumulate and reduce in; auto = fp32 at ZeRO 2-3 (the default parallelism=zero2), bf16 at stages 0-1 (see config.grad_accum_dtype) | fp32 | bf16
     eval_every: int = 50  # steps between validation passes (0 = only at the end)
     eval_batches: int = 8  # micro-batches per validation pass
     # lm-evaluation-harness tasks (shipped in sheepop/eval_tasks) scored on a checkpoint every

@@ -183,3 +183,7 @@ def test_bf16_mode_sends_the_accumulation_dtype_to_deepspeed():
         assert deepspeed_config(cfg, batch_plan(cfg, 1))["data_types"] == {"grad_accum_dtype": expected}
     fp32 = compose(["model=tiny", "trainer.precision=fp32"])
     assert "data_types" not in deepspeed_config(fp32, batch_plan(fp32, 1))
+    # The defaults (parallelism=zero2) accumulate bf16 gradients in fp32 (#13)
+    default = compose(["model=tiny", "trainer.precision=bf16"])
+    assert default.parallelism.name == "zero2"
+    assert deepspeed_config(default, batch_plan(default, 1))["data_types"] == {"grad_accum_dtype": "fp32"}
