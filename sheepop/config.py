@@ -19,7 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sheepop.errors import UserError
-from sheepop.model.config import ACTIVATION_CHECKPOINTING, ModelConfig
+from sheepop.model.config import ACTIVATION_CHECKPOINTING, EOT, PAD, ModelConfig
 
 GROUPS = ("model", "data", "tokenizer", "trainer", "parallelism", "cluster", "logger")
 
@@ -95,11 +95,11 @@ class TokenizerConfig:
     path: str = ""  # an existing tokenizer.json to use instead of training one
     vocab_size: int = "${model.vocab_size}"  # type: ignore[assignment]  # follows the model
     train_bytes: int = 8_000_000  # train the BPE on (at most) this many bytes of the corpus
-    special_tokens: list[str] = field(default_factory=lambda: ["<|endoftext|>", "<|pad|>"])
+    special_tokens: list[str] = field(default_factory=lambda: [EOT, PAD])
     # The document separator: put after every document by `prepare`, where generation stops,
     # data.document_mask's boundary. trainer.init_from=hf:DIR sets it from config.json's
     # eos_token_id when the folder's tokenizer has no <|endoftext|> (Llama's </s>, <|end_of_text|>).
-    eot: str = "<|endoftext|>"  # not *_token: config keys ending in "token" are redacted as secrets
+    eot: str = EOT  # not *_token: config keys ending in "token" are redacted as secrets
 
 
 # bf16: DeepSpeed's bf16 mode (bf16 weights, fp32 master in the optimizer); bf16-autocast: fp32

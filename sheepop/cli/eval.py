@@ -133,38 +133,42 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
         raise UserError(f"seq_len={seq} must be in [1, model.max_seq_len={model.args.max_seq_len}]")
     ckpt_tok = Path(meta["local"]) / "tokenizer.json"
     t0 = time.time()
+    if data_overrides:
+        result, what = _score_files(model, data_overrides, ckpt_tok, seq, max_tokens, batch_size)
+    elif split not in ("train", "val"):
+        raise UserError(f"split={split}; valid: train, val")
+    elif mixture := cfg["data"].get("mixture") or []:
+        # a data.mixture run: each source's split, then their mean by the mixture's weights
+        total = sum(float(s["weight"]) for s in mixture)
+        sources = []
+        for s in mixture:
+            r = _score_split(model, s["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
+            sources.append({**r, "name": s["name"], "weight": float(s["weight"]) / total})
+        loss = sum(s["weight"] * s["loss"] for s in sources)
+        result = {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(s["tokens"] for s in sources),
+                  "windows": sum(s["windows"] for s in sources), "sources": sources}
+        what = f"{split} split of the data mixture (weighted by {', '.join(s['name'] for s in sources)})"
+    else:
+        result = _score_split(model, cfg["data"]["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
+        what = f"{split} split of {result.pop('data_dir')}"
+    return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
+            "seconds": time.time() - t0}
+
+
+def _score_files(model, data_overrides: list[str], ckpt_tok: Path, seq: int, max_tokens: int,
+                 batch_size: int) -> tuple[dict, str]:
+    """(the score, what was scored) of a file set, prepared with the checkpoint's tokenizer in a temp folder."""
     with tempfile.TemporaryDirectory(prefix="sheepop-eval-") as tmp:
-        if data_overrides:
-            data_dir = Path(tmp) / "data"
-            manifest = _prepare_files(data_overrides, ckpt_tok, model.args.vocab_size, data_dir)
-            sp = manifest["splits"]
-            # Every document lands in train or val, except that a one-document corpus is both.
-            both = sp["train"]["docs"] + sp["val"]["docs"] <= manifest["documents"]
-            splits, what = (["train", "val"] if both else ["train"]), "files " + " ".join(data_overrides)
-        else:
-            if split not in ("train", "val"):
-                raise UserError(f"split={split}; valid: train, val")
-            mixture = cfg["data"].get("mixture") or []
-            if mixture:  # a data.mixture run: each source's split, then their mean by the mixture's weights
-                total = sum(float(s["weight"]) for s in mixture)
-                sources = []
-                for s in mixture:
-                    r = _score_split(model, s["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
-                    sources.append({**r, "name": s["name"], "weight": float(s["weight"]) / total})
-                loss = sum(s["weight"] * s["loss"] for s in sources)
-                result = {"loss": loss, "perplexity": math.exp(loss), "tokens": sum(s["tokens"] for s in sources),
-                          "windows": sum(s["windows"] for s in sources), "sources": sources}
-                what = f"{split} split of the data mixture (weighted by {', '.join(s['name'] for s in sources)})"
-                return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
-                        "seconds": time.time() - t0}
-            result = _score_split(model, cfg["data"]["out_dir"], split, ckpt_tok, seq, max_tokens, batch_size)
-            return {**result, "what": f"{split} split of {result.pop('data_dir')}", "seq_len": seq,
-                    "step": meta["step"], "checkpoint": meta["path"], "seconds": time.time() - t0}
+        data_dir = Path(tmp) / "data"
+        manifest = _prepare_files(data_overrides, ckpt_tok, model.args.vocab_size, data_dir)
+        sp = manifest["splits"]
+        # Every document lands in train or val, except that a one-document corpus is both.
+        both = sp["train"]["docs"] + sp["val"]["docs"] <= manifest["documents"]
+        splits = ["train", "val"] if both else ["train"]
         result = score(model, token_stream(data_dir, manifest, splits), seq_len=seq, max_tokens=max_tokens,
                        batch_size=batch_size)
         del manifest  # memmaps close with the arrays; the temp folder goes next
-    return {**result, "what": what, "seq_len": seq, "step": meta["step"], "checkpoint": meta["path"],
-            "seconds": time.time() - t0}
+    return result, "files " + " ".join(data_overrides)
 
 
 def _score_split(model, out_dir: str, split: str, ckpt_tok: Path, seq: int, max_tokens: int, batch_size: int) -> dict:

@@ -11,7 +11,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-EOT = "<|endoftext|>"
+from sheepop.model.config import EOT  # noqa: F401 (the separator, from its one definition)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Tokenizer:

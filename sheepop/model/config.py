@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# The token sheepop's BPE tokenizers put between documents (tokenizer.eot's default), and its
+# padding token: the model's vocabulary contract with the data, export and generation.
+EOT, PAD = "<|endoftext|>", "<|pad|>"
+
 # model.activation_checkpointing: which blocks recompute their activations in backward (applied by
 # sheepop.train.activation_checkpointing; the Transformer itself knows nothing of it).
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from sheepop.model.config import EOT
 from sheepop.model.transformer import KVCache, Transformer
 
 
@@ -147,7 +148,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def complete(model: Transformer, tok, ids: list[int], max_new_tokens: int, *, num_samples: int = 1,
-             heal: bool = True, eot: str = "<|endoftext|>", **kwargs) -> list[str]:
+             heal: bool = True, eot: str = EOT, **kwargs) -> list[str]:
     """Texts of `num_samples` continuations of the prompt ids (prompt included), each ending at the
     document separator `eot` (the run's tokenizer.eot), with token healing unless heal=False.
     kwargs go to generate (temperature, top_k, top_p, seed, ...)."""

@@ -32,12 +32,11 @@ import shutil
 from pathlib import Path
 
 from sheepop.errors import UserError
-from sheepop.model.config import ModelConfig
+from sheepop.model.config import EOT, PAD, ModelConfig
 from sheepop.model.hf_config import (IMPORTED_FIELDS, apply_init_from, init_from_folder,  # noqa: F401 (re-exported)
                                      model_config_from_hf, safetensors_files)
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-EOT, PAD = "<|endoftext|>", "<|pad|>"
 
 
 # sheepop's name → HF Llama's, inside one block (`layers.{i}.` ↔ `model.layers.{i}.`, each `.weight`).

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sheepop.errors import UserError
-from sheepop.model.config import ModelConfig
+from sheepop.model.config import EOT, ModelConfig
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -133,6 +133,6 @@ def document_separator(tokenizer_json: str, eot_token: str, config_json: dict) -
     eos = config_json.get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos  # Llama 3.1 lists several; the first ends text
     special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
-    if eot_token != "<|endoftext|>" or tok.token_to_id(eot_token) is not None or eos not in special:
+    if eot_token != EOT or tok.token_to_id(eot_token) is not None or eos not in special:
         return eot_token
     return tok.id_to_token(eos)

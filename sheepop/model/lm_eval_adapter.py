@@ -26,10 +26,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from lm_eval.api.model import LM  # noqa: E402
 
+from sheepop.eval_tasks import TASKS_DIR  # noqa: E402
+from sheepop.model.config import EOT  # noqa: E402
 from sheepop.model.transformer import KVCache, Transformer  # noqa: E402
 
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"
-EOT = "<|endoftext|>"
 DEFAULT_MAX_GEN_TOKS = 256
 
 

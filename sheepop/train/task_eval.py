@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 from sheepop import storage
+from sheepop.eval_tasks import TASKS_DIR
 from sheepop.train import checkpoint_files
 
 COMPLETE_TIMEOUT_S = 600  # how long a checkpoint may take to become complete in storage
-TASKS_DIR = Path(__file__).resolve().parents[1] / "eval_tasks"  # lm_eval_adapter's task folder
 
 
 def shipped_tasks() -> list[str]:
