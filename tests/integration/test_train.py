@@ -10,7 +10,7 @@ import pytest
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
-from tests.helpers import ROOT, sheepop, tiny_overrides
+from tests.helpers import ROOT, free_port, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
 
@@ -113,7 +113,11 @@ def test_ctrl_c_saves_and_resume_reproduces_uninterrupted_run(tmp_path):
     ckpt = run / "checkpoints" / f"step_{stop[0]['step']:06d}"
     assert json.loads((ckpt / "meta.json").read_text())["step"] == stop[0]["step"]
 
-    r = sheepop("train", *tiny_overrides(run, *common))  # trainer.resume=auto
+    # trainer.resume=auto, from a shell that belongs to someone else's torchrun world (rank 1 of 2):
+    # cluster=process still trains as a world of one, not as that world's rank 1 waiting for rank 0
+    foreign = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port())}
+    r = sheepop("train", *tiny_overrides(run, *common), env=foreign)
     assert r.returncode == 0, r.stderr[-3000:]
     assert any(e.get("event") == "resume" for e in read_metrics(run))
     s_steps, s_loss = latest_per_step(read_metrics(straight), "loss")
