@@ -21,7 +21,7 @@ from rich.console import Console
 from sheepop.config import Config, batch_plan, mixture_names, redact, world_sizes
 from sheepop.errors import UserError
 from sheepop.monitor.metrics_file import read_metrics
-from sheepop.net import require_listening
+from sheepop.net import free_port, require_listening
 
 console = Console(soft_wrap=True)  # a message is one line, whatever the terminal width
 
@@ -193,6 +193,10 @@ def run(cfg: Config) -> dict:
         if cfg.cluster.kind == "process":
             from sheepop.train.loop import train
 
+            # A world of one, set rather than defaulted: a shell inside someone else's torchrun or
+            # Slurm job has RANK/WORLD_SIZE/MASTER_* of that job, and this rank would wait for its peers.
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
             result = train(plan)  # installs its own Ctrl-C handler
         else:
             from sheepop.driver.ray_runner import fit

@@ -72,11 +72,15 @@ def compute_dtype(precision: str) -> torch.dtype | None:
 
 
 def init_distributed() -> tuple[int, int]:
-    """(rank, world size). Reuses a process group that Ray Train already set up; otherwise
-    starts a world of one in this process (DeepSpeed insists on a process group)."""
-    if not dist.is_initialized():  # set, not defaulted: a shell inside a torchrun or Slurm job has its own
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    """(rank, world size). Reuses a process group that Ray Train already set up; otherwise starts
+    the world the environment names (torchrun-style RANK, WORLD_SIZE, MASTER_*; the driver sets a
+    world of one for cluster=process), by default one of one (DeepSpeed insists on a process group)."""
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     from sheepop.extensions import activate
 

@@ -167,10 +167,14 @@ def test_heartbeat_file_is_throttled_but_catches_up(tmp_path, monkeypatch):
     monkeypatch.setattr(watchdog, "HEARTBEAT_INTERVAL_S", 0.2)
     wd, hangs, _ = make(tmp_path, timeout_s=30)
     try:
+        began = time.monotonic()
         for step in range(500):  # 1000 beats
             wd.beat("step", step)
             wd.beat("sync", step)
-        assert 1 <= wd.writes <= 3  # the first beat at once, then at most one per interval
+        took = time.monotonic() - began
+        # the first beat at once, then at most one per interval (the bound follows how long the beats
+        # took: on a busy CI machine 1000 beats took over 0.4 s and a fixed "<= 3" failed)
+        assert 1 <= wd.writes <= 2 + took / watchdog.HEARTBEAT_INTERVAL_S < 1000 / 4, (wd.writes, took)
         [hb] = read_heartbeats(tmp_path)
         assert set(hb) == {"rank", "step", "phase", "time", "pid", "host", "attempt"}
         deadline = time.monotonic() + 2
