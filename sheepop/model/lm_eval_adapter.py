@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from pathlib import Path
 
 # Never reach a hub: set before lm_eval imports `datasets`, which reads these once at import time.
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
