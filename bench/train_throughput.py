@@ -41,13 +41,7 @@ def _timed(step_fn, data) -> float:
 
 def time_warmup_and_steps(step_fn, data, warmup) -> tuple[float, float]:
     """(seconds of the warm-up steps, seconds of the timed ones)."""
-    t0 = time.perf_counter()
-    for w in data[:warmup]:
-        step_fn(w)
-    t1 = time.perf_counter()
-    for w in data[warmup:]:
-        step_fn(w)
-    return t1 - t0, time.perf_counter() - t1
+    return _timed(step_fn, data[:warmup]), _timed(step_fn, data[warmup:])
 
 
 DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # this process's world of one
@@ -128,7 +122,6 @@ def main(argv):
     # 3. sheepop with trainer.compile=true: the same engine, each block torch.compile'd.
     if with_compile:
         import dataclasses
-        import tempfile
 
         ccfg = dataclasses.replace(cfg, trainer=dataclasses.replace(t, compile="true"),
                                    run=dataclasses.replace(cfg.run, dir=tempfile.mkdtemp(prefix="bench-compile-")))
