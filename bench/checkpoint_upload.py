@@ -1,14 +1,15 @@
 """Step time around a checkpoint with asynchronous vs synchronous upload to slow object storage.
 
 Starts a real S3 server (moto) on 127.0.0.1 behind a bandwidth-limited TCP proxy (also on
-127.0.0.1), then trains the same run twice with `cluster.storage_path=s3://...` through Ray Train
-(`cluster=local`, 1 worker): once with `cluster.checkpoint_upload=async` (the default) and once with
-`sync`. For each it prints the median compute time of a normal step and of the step right after
+127.0.0.1), both on this machine's last CPU (they stand for a remote store), then trains the same
+run with `cluster.storage_path=s3://...` through Ray Train (`cluster=local`, 1 worker) on the other
+CPUs three times: with `cluster.checkpoint_upload=async` (the default), with `sync`, and async with
+the checkpoint staged on disk instead of in RAM (`cluster.checkpoint_staging`). For each it prints the median compute time of a normal step and of the step right after
 a save (from metrics.jsonl's step_time), their ratio (with async the upload runs beside training:
 ~1.0), and how long the save blocked training (gap between the two step lines minus the step's
 compute): with async the local write and hand-off only, with sync also the whole upload.
 
-    python bench/checkpoint_upload.py [model=tiny] [steps=40] [save_every=10] [kbps=2000]
+    python bench/checkpoint_upload.py [model=tiny] [steps=60] [save_every=10] [kbps=2000] [cluster=local]
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -78,14 +78,23 @@ def step_times(run: Path, save_every: int) -> tuple[float, float, float]:
 
 
 def main() -> int:
-    o = parse_kv(sys.argv[1:], {"model": str, "steps": int, "save_every": int, "kbps": float}, "checkpoint_upload")
-    model, steps, save_every = o.get("model", "tiny"), o.get("steps", 40), o.get("save_every", 10)
+    o = parse_kv(sys.argv[1:], {"model": str, "steps": int, "save_every": int, "kbps": float, "cluster": str}, "checkpoint_upload")
+    model, steps, save_every = o.get("model", "tiny"), o.get("steps", 60), o.get("save_every", 10)
     bytes_per_s = o.get("kbps", 2000.0) * 1000
     work = Path(tempfile.mkdtemp(prefix="sheepop-bench-upload-"))
     moto_port, proxy_port = free_port(), free_port()
+    # The S3 server and the proxy stand for remote storage: they get this machine's last CPU and
+    # training the others. On one shared set of cores moto alone burns ~2.9 CPU-s per 100 MB it
+    # receives (the client ~0.2-0.5 s), which would slow training during any upload for a reason
+    # a real object store does not have.
+    cpus = sorted(os.sched_getaffinity(0))
+    storage_cpus, train_cpus = (cpus[-1:], cpus[:-1]) if len(cpus) > 1 else (cpus, cpus)
+    pin = lambda which: (lambda: os.sched_setaffinity(0, which))  # noqa: E731
     moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p",
-                             str(moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    threading.Thread(target=throttling_proxy, args=(proxy_port, moto_port, bytes_per_s), daemon=True).start()
+                             str(moto_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=pin(storage_cpus))
+    proxy = subprocess.Popen([sys.executable, __file__, "--proxy", str(proxy_port), str(moto_port), str(bytes_per_s)],
+                             preexec_fn=pin(storage_cpus))
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{proxy_port}", "AWS_ACCESS_KEY_ID": "bench",
            "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
            "SHEEPOP_CACHE_DIR": str(work / "cache"), "WANDB_MODE": "disabled"}
@@ -99,29 +108,38 @@ def main() -> int:
         req = urllib.request.Request(f"http://127.0.0.1:{moto_port}/bench", method="PUT")
         urllib.request.urlopen(req, timeout=10)  # create the bucket (fast path, not throttled)
         results = {}
-        for mode in ("async", "sync"):
-            run = work / mode
+        disk = tempfile.gettempdir()
+        # (row, upload mode, where the checkpoint is staged before its upload: RAM by default)
+        rows = [("async", "async", "auto"), ("sync", "sync", "auto"), (f"async, staged in {disk}", "async", disk)]
+        for label, mode, staging in rows:
+            run = work / label.replace(" ", "_").replace(",", "").replace("/", "_")
             cmd = [sys.executable, "-m", "sheepop.cli", "train", f"model={model}", "trainer=quick", "logger=none",
-                   "cluster=local", f"run.dir={run}", f"run.name={mode}", "cluster.storage_path=s3://bench/runs",
-                   f"cluster.checkpoint_upload={mode}", f"trainer.max_steps={steps}",
+                   f"cluster={o.get('cluster', 'local')}", f"run.dir={run}", f"run.name={run.name}", "cluster.storage_path=s3://bench/runs",
+                   f"cluster.checkpoint_upload={mode}", f"cluster.checkpoint_staging={staging}",
+                   f"trainer.max_steps={steps}",
                    f"trainer.save_every={save_every}", "trainer.eval_every=0", "trainer.progress=false",
                    "trainer.keep_checkpoints=0", "data.max_bytes=3000000", f"data.out_dir={work / 'data'}"]
             t0 = time.time()
-            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, preexec_fn=pin(train_cpus))
             if r.returncode != 0:
                 print(r.stdout[-2000:], r.stderr[-3000:])
                 return 1
-            results[mode] = (*step_times(run, save_every), time.time() - t0)
-        print(f"model={model}, {steps} steps, a checkpoint every {save_every}, storage at {bytes_per_s / 1e3:,.0f} kB/s")
-        print(f"{'upload':<8}{'normal step':>13}{'step after a save':>19}{'ratio':>7}{'save blocked':>14}{'run wall':>10}")
+            results[label] = (*step_times(run, save_every), time.time() - t0)
+        print(f"model={model}, {steps} steps, a checkpoint every {save_every}, storage at {bytes_per_s / 1e3:,.0f} kB/s; "
+              f"training on CPUs {train_cpus}, the storage on {storage_cpus}")
+        print(f"{'upload':<24}{'normal step':>13}{'step after a save':>19}{'ratio':>7}{'save blocked':>14}{'run wall':>10}")
         for mode, (normal, after, blocked, wall) in results.items():
-            print(f"{mode:<8}{normal * 1e3:>10.0f} ms{after * 1e3:>16.0f} ms{after / normal:>7.2f}"
+            print(f"{mode:<24}{normal * 1e3:>10.0f} ms{after * 1e3:>16.0f} ms{after / normal:>7.2f}"
                   f"{blocked * 1e3:>11.0f} ms{wall:>9.0f}s")
         return 0
     finally:
         moto.terminate()
+        proxy.terminate()
         shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--proxy"]:
+        throttling_proxy(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+        sys.exit(0)
     sys.exit(main())

@@ -189,6 +189,7 @@ class ClusterConfig:
     storage_path: str = ""  # where checkpoints and the run's files go: <storage_path>/<run.name>/ (a folder or s3://, gs://, ...); empty = run.dir
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     checkpoint_upload: str = "async"  # async: training goes on while a checkpoint uploads | sync: it waits
+    checkpoint_staging: str = "auto"  # where a checkpoint for object storage is written before upload: auto (RAM, /dev/shm, when it fits; else the temp dir) | a folder
     wait_for_resources: bool = False  # kind=ray on an autoscaling cluster: wait for missing CPUs/GPUs (else fail at once)
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
     gpu: str = "h100-80gb"  # GPU type, for `sheepop plan` (sheepop.perf.GPUS)
@@ -414,6 +415,9 @@ def validate(cfg: DictConfig) -> None:
     need(str(c.use_gpu).lower() in ("auto", "true", "false"), f"cluster.use_gpu={c.use_gpu}; valid: auto, true, false")
     need(c.max_failures >= 0, f"cluster.max_failures={c.max_failures} must be >= 0")
     need(c.checkpoint_upload in ("async", "sync"), f"cluster.checkpoint_upload={c.checkpoint_upload}; valid: async, sync")
+    need(c.checkpoint_staging == "auto" or "://" not in c.checkpoint_staging,
+         f"cluster.checkpoint_staging={c.checkpoint_staging}; valid: auto, or a local folder (checkpoints are "
+         "written there before they go to cluster.storage_path)")
     for key in ("num_cpus", "cpus_per_worker"):
         need(c[key] >= 0, f"cluster.{key}={c[key]} must be >= 0 (0 = automatic)")
     need(0 < c.mfu <= 1, f"cluster.mfu={c.mfu} must be in (0, 1]")

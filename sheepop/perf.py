@@ -87,6 +87,14 @@ def cache_path() -> Path:
 
 
 @functools.cache  # MFU asks for the CPU's peak every step
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity (taskset, a container's cpuset), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):

@@ -253,7 +253,7 @@ def check_writable(location: str, setting: str) -> None:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            also = "" if setting == "run.dir" else " or an object-store URI (s3://bucket/prefix)"
+            also = "" if setting in ("run.dir", "cluster.checkpoint_staging") else " or an object-store URI (s3://bucket/prefix)"
             raise UserError(f"{setting}={location}: cannot write there ({e.strerror or e}); "
                             f"valid: a writable folder{also}") from None
         return

@@ -20,6 +20,7 @@ from sheepop.errors import UserError
 from sheepop.driver.stop_forwarder import StopForwarder
 from sheepop.driver.worker_env import apply_secrets, secret_env, worker_env
 from sheepop.logs import copy_ray_session_logs, logs_dir, output_to
+from sheepop.perf import usable_cpus
 from sheepop.train.run_plan import RunPlan
 from sheepop.train.stop import flag_actor
 
@@ -39,7 +40,7 @@ def elastic(cfg: Config) -> bool:
 
 def cpus_per_worker(cfg: Config) -> int:
     c = cfg.cluster
-    return c.cpus_per_worker or (max(1, (os.cpu_count() or 1) // c.num_workers) if c.kind == "local" else 1)
+    return c.cpus_per_worker or (max(1, usable_cpus() // c.num_workers) if c.kind == "local" else 1)
 
 
 def check_resources(cfg: Config, per_worker: dict[str, float], console: Console) -> None:
@@ -76,7 +77,7 @@ def start_ray(cfg: Config, console: Console) -> bool:
     if c.kind == "local":
         compat.ray_local_env()
         env.update(compat.ray_loopback_only())
-        ctx = ray.init(address="local", num_cpus=c.num_cpus or None, include_dashboard=True,
+        ctx = ray.init(address="local", num_cpus=c.num_cpus or usable_cpus(), include_dashboard=True,
                        dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
                        runtime_env={"env_vars": env}, logging_level="WARNING", configure_logging=True)
         started = True

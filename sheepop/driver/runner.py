@@ -22,6 +22,7 @@ from sheepop.config import Config, batch_plan, mixture_names, redact, world_size
 from sheepop.errors import UserError
 from sheepop.monitor.metrics_file import read_metrics
 from sheepop.net import free_port, require_listening
+from sheepop.perf import usable_cpus
 
 console = Console(soft_wrap=True)  # a message is one line, whatever the terminal width
 
@@ -45,8 +46,8 @@ def preflight(cfg: Config) -> str | None:
     if c.kind == "ray":
         check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
     if c.kind == "local":  # this machine alone decides what a local Ray can place: say so before starting it
-        have = c.num_cpus or os.cpu_count() or 1
-        per = c.cpus_per_worker or max(1, (os.cpu_count() or 1) // c.num_workers)
+        have = c.num_cpus or usable_cpus()
+        per = c.cpus_per_worker or max(1, usable_cpus() // c.num_workers)
         if c.num_workers * per > have:
             raise UserError(f"cluster.num_workers={c.num_workers} × {per} CPU(s) each needs {c.num_workers * per} CPUs; "
                             f"cluster=local has {have} (cluster.num_cpus={c.num_cpus or 'all'}); valid: "
@@ -57,10 +58,10 @@ def preflight(cfg: Config) -> str | None:
     if storage.is_uri(cfg.data.out_dir) and not cfg.data.mixture:  # a mixture prepares nothing: only reads its sources
         storage.check_writable(storage.normalize(cfg.data.out_dir), "data.out_dir")
     if c.kind in ("process", "local"):  # every rank writes on this machine: room for one checkpoint?
-        import tempfile
-
         ckpt_root = checkpoint.root(cfg)
-        where = Path(tempfile.gettempdir()) if storage.is_uri(ckpt_root) else storage.local_path(ckpt_root)
+        where = checkpoint.staging_dir(cfg) if storage.is_uri(ckpt_root) else storage.local_path(ckpt_root)
+        if storage.is_uri(ckpt_root) and c.checkpoint_staging != "auto":
+            storage.check_writable(str(where), "cluster.checkpoint_staging")
         checkpoint.check_space(where, checkpoint.estimated_bytes(cfg), "the first checkpoint")
     resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
     if resume is None and cfg.trainer.init_from:  # a resume has trained weights: init_from is for step 0 only

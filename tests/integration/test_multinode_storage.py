@@ -53,9 +53,11 @@ def two_nodes(s3, tmp_path_factory):
 def full_run(two_nodes, s3, tmp_path_factory):
     head, env, caches, _ = two_nodes
     run = tmp_path_factory.mktemp("full") / "run"
+    stage = run.parent / "stage"  # where each rank writes a checkpoint before its upload (default: RAM)
     r = sheepop("train", *args(run, "full", "cluster=ray", f"cluster.address={head.gcs_address}",
-                               "cluster.num_workers=2"), env=env)
+                               "cluster.num_workers=2", f"cluster.checkpoint_staging={stage}"), env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert stage.is_dir() and not list(stage.iterdir()), "a staged checkpoint outlived its upload"
     return run
 
 
