@@ -7,6 +7,7 @@ resumes from the latest reported checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import uuid
@@ -66,6 +67,21 @@ def check_resources(cfg: Config, per_worker: dict[str, float], console: Console)
                     "(cluster.cpus_per_worker), or cluster.wait_for_resources=true on an autoscaling cluster")
 
 
+@contextlib.contextmanager
+def environ_set(env: dict[str, str]):
+    """os.environ with env added (what processes started meanwhile inherit), restored after."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def start_ray(cfg: Config, console: Console) -> bool:
     """Start (kind=local) or join (kind=ray) a Ray cluster; returns True when we started it."""
     import ray
@@ -77,9 +93,13 @@ def start_ray(cfg: Config, console: Console) -> bool:
     if c.kind == "local":
         compat.ray_local_env()
         env.update(compat.ray_loopback_only())
-        ctx = ray.init(address="local", num_cpus=c.num_cpus or usable_cpus(), include_dashboard=True,
-                       dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
-                       runtime_env={"env_vars": env}, logging_level="WARNING", configure_logging=True)
+        # The workers of a Ray started here inherit its processes' environment: no runtime_env, which
+        # would cost a runtime-env agent round trip per worker process and rule out Ray's prestarted
+        # workers (2026-12-02, 2 cores: ray.init 6.5 vs 4.7 s, each actor 1.9 vs 0.5 s).
+        with environ_set(env):
+            ctx = ray.init(address="local", num_cpus=c.num_cpus or usable_cpus(), include_dashboard=True,
+                           dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
+                           logging_level="WARNING", configure_logging=True)
         started = True
     else:
         address = c.address or os.environ.get("RAY_ADDRESS", "auto")
@@ -128,8 +148,6 @@ def fit(plan: RunPlan, console: Console) -> dict:
                 name="checkpoints", storage_path=checkpoint.run_storage(cfg),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=c.max_failures),
-                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if gpu else "cpu",
-                                                 "OMP_NUM_THREADS": str(cpus)}},
             ),
         )
         try:
@@ -164,6 +182,11 @@ def _worker(config: dict) -> None:
     plan = config["plan"]
     apply_secrets(ray.get(config["secrets"]))
     cfg = plan.cfg
+    # The worker's CPU threads (Ray's default OMP_NUM_THREADS is 1); DeepSpeed's accelerator is set
+    # by compat.before_deepspeed_import. Neither goes through a runtime_env (see start_ray).
+    import torch
+
+    torch.set_num_threads(cpus_per_worker(cfg))
     context = ray.train.get_context()
     rank, ray_storage = context.get_world_rank(), context.get_storage()
     ckpt_root = checkpoint.root(cfg)

@@ -162,7 +162,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
                tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,
-               precision=eng.precision_mode(t_cfg.precision),
+               precision=eng.precision_mode(t_cfg.precision), cpu_threads=torch.get_num_threads(),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None,
                startup=startup.since(plan.startup["launch"], {**plan.startup, **startup.marks()})
                if plan.startup else None)

@@ -150,7 +150,8 @@ from sheepop.config import compose
 from sheepop.driver.ray_runner import start_ray
 
 start_ray(compose(["cluster=local", "cluster.num_cpus=1", "logger=none"]), Console(quiet=True))
-ifname = ray.get(ray.remote(lambda: os.environ.get("GLOO_SOCKET_IFNAME")).remote())  # a worker is up too
+ifname, tp = ray.get(ray.remote(lambda: (os.environ.get("GLOO_SOCKET_IFNAME"),  # a worker is up too
+                                          os.environ.get("TOKENIZERS_PARALLELISM"))).remote())
 socks = []
 for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
     try:
@@ -158,7 +159,7 @@ for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
     except psutil.Error:
         pass
 ray.shutdown()
-print(json.dumps({"ifname": ifname, "socks": socks}))
+print(json.dumps({"ifname": ifname, "tokenizers_parallelism": tp, "socks": socks}))
 '''
 
 
@@ -173,6 +174,8 @@ def test_local_cluster_listens_on_loopback_only():
     outside = [s for s in got["socks"] if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
     assert outside == [], outside
     assert got["ifname"] == "lo"
+    # Its workers inherit the environment sheepop gives them (no runtime_env: see start_ray).
+    assert got["tokenizers_parallelism"] == "false"
 
 
 def test_more_workers_than_the_cluster_can_place_fail_in_one_line(ray_head, tmp_path):

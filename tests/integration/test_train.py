@@ -1,5 +1,6 @@
 """End-to-end training through the real CLI (real DeepSpeed on gloo, real tokenizers)."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -48,6 +49,8 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert startup["launch"] == 0 and startup["worker_process"] < startup["worker"]
     launched = start["time"] - startup["engine"]  # the start event follows the engine
     assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
+    # The Ray worker trains on all of this machine's CPUs (Ray's own default would be one thread).
+    assert start["cpu_threads"] == len(os.sched_getaffinity(0)), start
 
 
 def test_tiny_model_learns(tmp_path):
