@@ -86,7 +86,6 @@ def cache_path() -> Path:
     return Path(base) / "peak_flops.json"
 
 
-@functools.cache  # MFU asks for the CPU's peak every step
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity (taskset, a container's cpuset), not the machine's count."""
     try:
@@ -95,6 +94,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+@functools.cache  # MFU asks for the CPU's peak every step
 def cpu_name() -> str:
     try:
         for line in open("/proc/cpuinfo"):
