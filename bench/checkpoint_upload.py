@@ -2,12 +2,13 @@
 
 Starts a real S3 server (moto) on 127.0.0.1 behind a bandwidth-limited TCP proxy (also on
 127.0.0.1), both on this machine's last CPU (they stand for a remote store), then trains the same
-run with `cluster.storage_path=s3://...` through Ray Train (`cluster=local`, 1 worker) on the other
-CPUs three times: with `cluster.checkpoint_upload=async` (the default), with `sync`, and async with
-the checkpoint staged on disk instead of in RAM (`cluster.checkpoint_staging`). For each it prints the median compute time of a normal step and of the step right after
-a save (from metrics.jsonl's step_time), their ratio (with async the upload runs beside training:
-~1.0), and how long the save blocked training (gap between the two step lines minus the step's
-compute): with async the local write and hand-off only, with sync also the whole upload.
+run with `cluster.storage_path=s3://...` (`cluster=local`: Ray Train, 1 worker; or `cluster=process`)
+on the other CPUs three times: with `cluster.checkpoint_upload=async` (the default), with `sync`,
+and async with the checkpoint staged on disk instead of in RAM (`cluster.checkpoint_staging`).
+For each it prints the median compute time of a normal step and of the step right after a save
+(from metrics.jsonl's step_time), their ratio (with async the upload runs beside training: ~1.0),
+and how long the save blocked training (gap between the two step lines minus the step's compute):
+with async the local write and hand-off only, with sync also the whole upload.
 
     python bench/checkpoint_upload.py [model=tiny] [steps=60] [save_every=10] [kbps=2000] [cluster=local]
 """
