@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sheepop.cli.args import parse_kv  # noqa: E402
+from sheepop.cli.args import bench_options  # noqa: E402
 from sheepop.net import free_port  # noqa: E402
 
 
@@ -79,7 +79,7 @@ def step_times(run: Path, save_every: int) -> tuple[float, float, float]:
 
 
 def main() -> int:
-    o = parse_kv(sys.argv[1:], {"model": str, "steps": int, "save_every": int, "kbps": float, "cluster": str}, "checkpoint_upload")
+    o = bench_options(sys.argv[1:], {"model": str, "steps": int, "save_every": int, "kbps": float, "cluster": str}, "bench/checkpoint_upload.py")
     model, steps, save_every = o.get("model", "tiny"), o.get("steps", 60), o.get("save_every", 10)
     bytes_per_s = o.get("kbps", 2000.0) * 1000
     work = Path(tempfile.mkdtemp(prefix="sheepop-bench-upload-"))

@@ -49,10 +49,10 @@ def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str
 
 
 def main(argv: list[str]) -> None:
-    from sheepop.cli.args import parse_kv
+    from sheepop.cli.args import bench_options
     from sheepop.net import free_port
 
-    o = parse_kv(argv, {"model": str, "steps": int, "micro": int, "workers": int, "precision": str}, "bench")
+    o = bench_options(argv, {"model": str, "steps": int, "micro": int, "workers": int, "precision": str}, "bench/distributed_overhead.py")
     model, steps, micro = o.get("model", "small"), o.get("steps", 20), o.get("micro", 8)
     world, precision = o.get("workers", 2), o.get("precision", "auto")
     if steps < WARMUP + 2:  # the last step's metrics row carries the final eval: not a training-speed sample

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sheepop.cli.args import parse_kv
+from sheepop.cli.args import bench_options
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 
 DATA = ["data.max_bytes=3000000", "data.out_dir=/tmp/sheepop-bench/data/stdlib-3mb-v1024"]
@@ -38,7 +38,7 @@ def run(out: Path, model: str, steps: int, accum: int, stage: int, *extra: str) 
 
 
 def main(argv: list[str]) -> None:
-    o = parse_kv(argv, {"model": str, "steps": int, "accum": int, "stage": int}, "grad_accum_dtype")
+    o = bench_options(argv, {"model": str, "steps": int, "accum": int, "stage": int}, "bench/grad_accum_dtype.py")
     model, steps, accum, stage = o.get("model", "tiny"), o.get("steps", 40), o.get("accum", 16), o.get("stage", 2)
     with tempfile.TemporaryDirectory() as tmp:
         ref = run(Path(tmp, "reference"), model, steps, accum, stage, "trainer.precision=fp32")

@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sheepop.cli.args import parse_kv
+from sheepop.cli.args import bench_options
 from sheepop.monitor.live import Progress, Snapshot
 from sheepop.monitor.metrics_file import MetricsTail, read_metrics
 
@@ -28,7 +28,7 @@ def row(step: int) -> str:
 
 
 def main(argv: list[str]) -> None:
-    o = parse_kv(argv, {"rows": int, "new": int}, "live_view")
+    o = bench_options(argv, {"rows": int, "new": int}, "bench/live_view.py")
     rows, new = o.get("rows", 100_000), o.get("new", 20)
     run = Path(tempfile.mkdtemp(prefix="sheepop-bench-live-"))
     path = run / "metrics.jsonl"

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sheepop.cli.args import parse_kv  # noqa: E402
+from sheepop.cli.args import bench_options  # noqa: E402
 from sheepop.config import compose  # noqa: E402
 from sheepop.model.transformer import Transformer  # noqa: E402
 
@@ -26,7 +26,7 @@ IMPLEMENTATIONS = {"for-loop": {"foreach": False}, "foreach": {"foreach": True},
 
 
 def main(argv) -> int:
-    o = parse_kv(argv, {"model": str, "steps": int, "rounds": int, "device": str}, "optimizer_step")
+    o = bench_options(argv, {"model": str, "steps": int, "rounds": int, "device": str}, "bench/optimizer_step.py")
     model_name, steps, rounds = o.get("model", "small"), o.get("steps", 20), o.get("rounds", 3)
     device = torch.device(o.get("device", "cpu"))
     cfg = compose([f"model={model_name}", "cluster=process"])

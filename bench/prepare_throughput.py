@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from plain_torch import make_step, windows
-from sheepop.cli.args import parse_kv
+from sheepop.cli.args import bench_options
 from sheepop.config import compose
 from sheepop.data.shards import prepare
 from sheepop.model.transformer import Transformer
@@ -53,7 +53,7 @@ def train_tokens_per_s(steps: int, micro: int) -> tuple[float, str]:
 
 
 def main(argv):
-    o = parse_kv(argv, {"mb": int, "workers": int, "train_steps": int, "micro": int}, "bench")
+    o = bench_options(argv, {"mb": int, "workers": int, "train_steps": int, "micro": int}, "bench/prepare_throughput.py")
     mb, workers = o.get("mb", 60), o.get("workers", 2)
     tmp = Path(tempfile.mkdtemp(prefix="sheepop-prep-bench-"))
     try:

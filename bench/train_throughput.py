@@ -26,7 +26,7 @@ from contextlib import nullcontext
 import torch
 
 from plain_torch import make_step, windows
-from sheepop.cli.args import parse_kv
+from sheepop.cli.args import bench_options
 from sheepop.config import batch_plan, compose
 from sheepop.model.transformer import Transformer, flops_per_token
 from sheepop.train import engine as eng
@@ -71,8 +71,8 @@ def sheepop_train_seconds(kind: str, model: str, micro: int, precision: str, ste
 
 
 def main(argv):
-    o = parse_kv(argv, {"model": str, "steps": int, "warmup": int, "micro": int, "precision": str, "compile": str,
-                        "paths": str, "rounds": int}, "bench")
+    o = bench_options(argv, {"model": str, "steps": int, "warmup": int, "micro": int, "precision": str, "compile": str,
+                        "paths": str, "rounds": int}, "bench/train_throughput.py")
     with_compile = o.get("compile", "false").lower() == "true"
     with_paths = o.get("paths", "false").lower() == "true"
     model_name, steps, warmup = o.get("model", "small"), o.get("steps", 20), o.get("warmup", 3)

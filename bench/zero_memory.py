@@ -19,7 +19,7 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
-from sheepop.cli.args import parse_kv
+from sheepop.cli.args import bench_options
 from sheepop.net import free_port
 
 STAGES = (0, 1, 2, 3)
@@ -61,7 +61,7 @@ def _worker(rank: int, world: int, port: int, model: str, precision: str, accum:
 
 
 def main(argv: list[str]) -> None:
-    o = parse_kv(argv, {"model": str, "workers": int, "precision": str, "grad_accum": str}, "zero_memory")
+    o = bench_options(argv, {"model": str, "workers": int, "precision": str, "grad_accum": str}, "bench/zero_memory.py")
     model, world, precision = o.get("model", "tiny"), o.get("workers", 2), o.get("precision", "bf16")
     accum = o.get("grad_accum", "auto")
     port = free_port()

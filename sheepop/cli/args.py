@@ -63,6 +63,14 @@ def parse_kv(argv: list[str], spec: dict[str, type], command: str) -> dict:
     return out
 
 
+def bench_options(argv: list[str], spec: dict[str, type], script: str) -> dict:
+    """parse_kv for the scripts under bench/: a bad option is one line and a non-zero exit, no traceback."""
+    try:
+        return parse_kv(argv, spec, script)
+    except UserError as e:
+        raise SystemExit(str(e) if script in str(e) else f"{script}: {e}") from None
+
+
 def require(opts: dict, keys: tuple[str, ...], usage: str) -> None:
     """One line naming the first missing required option and the command's usage."""
     for key in keys:

@@ -33,3 +33,16 @@ def test_more_local_workers_than_cpus_fail_before_ray_starts(tmp_path):
                                   "cluster.num_workers=64", "trainer.global_batch_size=0"))
     assert "cluster.num_workers=64 × 1 CPU(s) each needs 64 CPUs; cluster=local has" in line
     assert not (tmp_path / "run" / "config.yaml").exists()  # nothing started
+
+
+def test_bench_script_with_a_bad_option_says_so_in_one_line():
+    """bench/ scripts read key=value options like the CLI: a typo is one line naming the valid keys."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    for args, expected in ((["runz=3"], "unknown option 'runz'; valid for bench/startup.py: model, runs, kinds"),
+                           (["runs=x"], "bench/startup.py: runs=x: expected int")):
+        r = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), *args], capture_output=True, text=True)
+        assert r.returncode != 0 and r.stderr.strip() == expected, r.stderr
