@@ -1,8 +1,9 @@
 """Time from `sheepop train` to the first training step, phase by phase, for cluster=process (one
 rank in the driver's process) and cluster=local (a Ray cluster started for the run, one worker).
 
-Each kind runs `runs` times (the first warms the machine: prepared data, DeepSpeed's op, the page
-cache; only the last is printed). The phases come from rank 0's `start` event (`startup`, seconds
+Each kind runs `runs` times. The first warms the machine (prepared data, DeepSpeed's op, the page
+cache) and is left out; each phase prints its median over the others (a 2-core host varies by
+±15% from one run to the next). The phases come from rank 0's `start` event (`startup`, seconds
 since the `sheepop` process began; sheepop.startup) and the first step's metrics line; `exit` is
 when the process ended (end-of-run work: final eval, sample, plot, Ray shutdown).
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -21,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sheepop.cli.args import parse_kv  # noqa: E402
+from sheepop.cli.args import bench_options  # noqa: E402
 
 TARGETS = {"process": 8.0, "local": 15.0}  # issue #13: seconds from launch to the first step (warm machine)
 PHASES = {  # what ends at each mark (sheepop.startup), in the order a run passes them
@@ -63,30 +65,39 @@ def run_once(kind: str, model: str, data_dir: Path, run_dir: Path) -> dict[str, 
     return timeline
 
 
+def median_timeline(timelines: list[dict[str, float]]) -> dict[str, float]:
+    """Each phase's median over the runs that reached it."""
+    phases = {p for t in timelines for p in t}
+    return {p: statistics.median(t[p] for t in timelines if p in t) for p in phases}
+
+
 def main() -> None:
-    o = parse_kv(sys.argv[1:], {"model": str, "runs": int, "kinds": str}, "bench/startup.py")
+    o = bench_options(sys.argv[1:], {"model": str, "runs": int, "kinds": str}, "bench/startup.py")
     model, runs = o.get("model", "tiny"), max(1, o.get("runs", 2))
     kinds = [k for k in o.get("kinds", "process,local").split(",") if k]
     data_dir = ROOT / "outputs" / "data" / "bench-stdlib-3mb"
-    results = {}
+    results: dict[str, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="sheepop-bench-startup-") as tmp:
         for kind in kinds:
             for i in range(runs):
-                results[kind] = run_once(kind, model, data_dir, Path(tmp) / f"{kind}-{i}")
-                print(f"{kind} run {i + 1}/{runs}: first step ends at {results[kind]['first step ends']:.1f} s",
+                timeline = run_once(kind, model, data_dir, Path(tmp) / f"{kind}-{i}")
+                results.setdefault(kind, []).append(timeline)
+                print(f"{kind} run {i + 1}/{runs}: first step ends at {timeline['first step ends']:.1f} s",
                       file=sys.stderr)
-    print(f"\nseconds since `sheepop train` started (model={model}; the last of {runs} run(s) per kind)\n")
+    measured = {k: median_timeline(v[1:] or v) for k, v in results.items()}
+    shown = f"median of runs 2-{runs}" if runs > 2 else ("run 2 of 2" if runs == 2 else "one cold run")
+    print(f"\nseconds since `sheepop train` started (model={model}; {shown} per kind)\n")
     header = f"{'phase ends':<20}" + "".join(f"{k:>12}" for k in kinds) + "   what"
     print(header)
     print("-" * len(header))
     for phase, what in PHASES.items():
-        if not any(phase in results[k] for k in kinds):
+        if not any(phase in measured[k] for k in kinds):
             continue
-        cells = "".join(f"{results[k][phase]:>12.2f}" if phase in results[k] else f"{'-':>12}" for k in kinds)
+        cells = "".join(f"{measured[k][phase]:>12.2f}" if phase in measured[k] else f"{'-':>12}" for k in kinds)
         print(f"{phase:<20}{cells}   {what}")
     print()
     for k in kinds:
-        t = results[k]["first step ends"]
+        t = measured[k]["first step ends"]
         print(f"{k}: first step ends {t:.1f} s after launch; target <= {TARGETS.get(k, float('nan')):.0f} s "
               f"({t / TARGETS[k]:.2f}x the target)" if k in TARGETS else f"{k}: {t:.1f} s")
 
