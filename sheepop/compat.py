@@ -171,6 +171,56 @@ def ray_local_env() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
+# What Ray Train 2.60 starts beside a run's workers that a sheepop run does not use. Each is one more
+# Python process (2-3 CPU-s to start here), started while the first step is awaited:
+#  - a DatasetManager, which imports Ray Data, even for a trainer without datasets (sheepop reads
+#    its own shards);
+#  - on a Ray started for one run (cluster=local): the PlacementGroupCleaner (the placement group
+#    goes with that Ray), the PreemptionWatcher (one node, nothing to drain; sheepop's StopForwarder
+#    watches drains where there are several) and Ray Data's autoscaling coordinator, which the Train
+#    controller asks for resources, with a wait of up to 5 s, before it places any worker. No
+#    autoscaler reads it there.
+RAY_LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # No idle workers prestarted (one per CPU): the Train controller and its workers have a
+    # runtime_env of their own and start their own processes, so the prestarted ones only take
+    # CPU from them.
+    "RAY_enable_worker_prestart": "0",
+    "RAY_prestart_worker_first_driver": "0",
+}
+
+
+def ray_torch_trainer(local: bool):
+    """Ray Train's TorchTrainer less the helpers above (local: the Ray was started for this run)."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+    except ImportError:  # another Ray: its own trainer, helpers and all
+        return TorchTrainer
+    unused = (DatasetsCallback, PlacementGroupCleanerCallback) if local else (DatasetsCallback,)
+
+    class NoAutoscalerPolicy(FixedScalingPolicy):  # sent to the controller by value (cloudpickle)
+        def after_controller_start(self, train_run_context) -> None:
+            pass  # no resource request, so no coordinator actor
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+    class LeanTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+
+        def _initialize_and_run_controller(self, **kwargs):
+            if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = NoAutoscalerPolicy(scaling_config=self.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)
+
+    return LeanTorchTrainer
+
+
 def ray_session_logs_dir():
     """The logs folder of the Ray session this process is connected to (private in Ray 2.60)."""
     from pathlib import Path

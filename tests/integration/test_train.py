@@ -51,6 +51,11 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
     # The Ray worker trains on all of this machine's CPUs (Ray's own default would be one thread).
     assert start["cpu_threads"] == len(os.sched_getaffinity(0)), start
+    # The Ray started for the run holds the run's actors and no more (compat.ray_torch_trainer,
+    # RAY_LOCAL_TRAIN_ENV): each other one would be a Python process started before the first step.
+    actors = {line.split(":actor_name:")[1].strip() for f in (run / "logs" / "ray").glob("worker-*.out")
+              for line in f.read_text(errors="replace").splitlines() if ":actor_name:" in line}
+    assert actors == {"TrainController", "SynchronizationActor", "RayTrainWorker", "StopFlag"}, actors
 
 
 def test_tiny_model_learns(tmp_path):

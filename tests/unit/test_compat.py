@@ -137,3 +137,25 @@ def test_inductor_cache_goes_to_the_run_unless_the_user_chose_a_folder(tmp_path,
     assert compat.inductor_cache(tmp_path / "run") == cache_dir() == str(tmp_path / "run" / "cache" / "inductor")
     monkeypatch.setattr(compat, "_USER_INDUCTOR_CACHE", str(tmp_path / "mine"))
     assert compat.inductor_cache(tmp_path / "run") == cache_dir() == str(tmp_path / "mine")
+
+
+def test_ray_torch_trainer_leaves_out_the_helpers_a_run_does_not_use():
+    """Ray Train still adds them by default (else the workaround is obsolete); the lean trainer drops
+    them, and keeps everything else. The integration test of the default cluster checks which actors
+    a real run starts (tests/integration/test_train.py)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2._internal.constants import ENABLE_PREEMPTION_WATCHER_ENV_VAR
+
+    def kinds(trainer_cls):
+        t = trainer_cls(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(cb).__name__ for cb in t._create_default_callbacks()]
+
+    default = kinds(TorchTrainer)
+    assert {DatasetsCallback.__name__, PlacementGroupCleanerCallback.__name__} <= set(default)
+    local, joined = kinds(compat.ray_torch_trainer(local=True)), kinds(compat.ray_torch_trainer(local=False))
+    assert local == [k for k in default if k not in ("DatasetsCallback", "PlacementGroupCleanerCallback")]
+    assert joined == [k for k in default if k != "DatasetsCallback"]
+    assert ENABLE_PREEMPTION_WATCHER_ENV_VAR in compat.RAY_LOCAL_TRAIN_ENV
