@@ -16,7 +16,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 WARMUP = 3
+
+from sheepop.cpu_allocator import rerun_with_hugepages  # noqa: E402
+
+# torchrun's ranks inherit the malloc that `sheepop train` runs with (sheepop.cpu_allocator)
+rerun_with_hugepages()
 
 
 def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str) -> None:

@@ -23,13 +23,17 @@ import time
 from pathlib import Path
 from contextlib import nullcontext
 
-import torch
+from sheepop.cpu_allocator import hugepages_on, rerun_with_hugepages
 
-from plain_torch import make_step, windows
-from sheepop.cli.args import bench_options
-from sheepop.config import batch_plan, compose
-from sheepop.model.transformer import Transformer, flops_per_token
-from sheepop.train import engine as eng
+rerun_with_hugepages()  # the plain loops get the malloc `sheepop train` runs with (sheepop.cpu_allocator)
+
+import torch  # noqa: E402
+
+from plain_torch import make_step, windows  # noqa: E402
+from sheepop.cli.args import bench_options  # noqa: E402
+from sheepop.config import batch_plan, compose  # noqa: E402
+from sheepop.model.transformer import Transformer, flops_per_token  # noqa: E402
+from sheepop.train import engine as eng  # noqa: E402
 
 
 def _timed(step_fn, data) -> float:
@@ -141,7 +145,7 @@ def main(argv):
           f"median of {o.get('rounds', 3)} interleaved rounds for the first three loops, "
           f"micro batch {micro} × seq {seq}, precision {eng.precision_mode(t.precision)} (plain PyTorch: "
           f"{'bf16 autocast' if eng.compute_dtype(t.precision) else 'fp32'}), {steps} timed steps, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, malloc on huge pages: {'yes' if hugepages_on() else 'no'}")
     print(f"{'loop':<32}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'vs plain':>10}{'vs fused':>10}")
     for name, secs in rows:
         print(f"{name:<32}{1000 * secs / steps:>10.0f}{tokens / secs:>12,.0f}{tokens / secs * fpt / 1e9:>10.1f}"

@@ -40,6 +40,10 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["train"]:  # the program itself, not a call from Python code
+        from sheepop.cpu_allocator import rerun_with_hugepages
+
+        rerun_with_hugepages()  # glibc malloc on huge pages: runs this command again, once, before any import
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())

@@ -11,8 +11,14 @@ import pytest
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
+from sheepop.cpu_allocator import glibc_version, hugepages_on, thp_mode, tunables_with_hugepages
 from tests.helpers import ROOT, free_port, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
+
+
+# Whether `sheepop train` can put malloc on huge pages on this host (sheepop.cpu_allocator).
+HUGEPAGES = hugepages_on() or tunables_with_hugepages(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(),
+                                                      thp_mode()) is not None
 
 
 def test_default_cluster_run_writes_every_artefact(tmp_path):
@@ -51,6 +57,8 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
     # The Ray worker trains on all of this machine's CPUs (Ray's own default would be one thread).
     assert start["cpu_threads"] == len(os.sched_getaffinity(0)), start
+    # sheepop train ran itself again with glibc's malloc on huge pages, and the Ray worker inherited it
+    assert start["malloc_hugepages"] is HUGEPAGES, (start, HUGEPAGES)
     # The Ray started for the run holds the run's actors and no more (compat.ray_torch_trainer,
     # RAY_LOCAL_TRAIN_ENV): each other one would be a Python process started before the first step.
     actors = {line.split(":actor_name:")[1].strip() for f in (run / "logs" / "ray").glob("worker-*.out")
@@ -65,6 +73,8 @@ def test_tiny_model_learns(tmp_path):
     steps, val = latest_per_step(read_metrics(run), "val_loss")
     assert steps[0] == 0 and steps[-1] == 200
     assert val[-1] < 0.8 * val[0], val
+    start = next(e for e in read_metrics(run) if e.get("event") == "start")
+    assert start["malloc_hugepages"] is HUGEPAGES, (start, HUGEPAGES)  # cluster=process: the CLI's own process
     # The sample printed at the end comes from the trained checkpoint.
     assert (run / "sample.txt").read_text().startswith("def ")
 
