@@ -64,4 +64,7 @@ def rerun_with_hugepages() -> None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": value})
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, "GLIBC_TUNABLES": value})
+    except OSError:  # an interpreter that cannot be run again (a frozen app, a removed venv): train as it is
+        return
