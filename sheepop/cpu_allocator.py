@@ -5,7 +5,7 @@ takes ~99k page faults a step (~390 MB of fresh pages). glibc serves every block
 largest mmap threshold (32 MB) with a fresh mmap(), and the kernel faults in and zeroes those
 pages 4 kB at a time, on every step: ~17% of the process's CPU time was spent in the kernel.
 With glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35), malloc asks for transparent huge
-pages (madvise), 2 MB per fault: ~2k faults a step, and the step 5-20% faster
+pages (madvise), 2 MB per fault: ~2-4k faults a step, and the step 8-20% faster
 (`bench/malloc_hugepages.py`).
 
 Tunables are read when a process starts, so `sheepop train` runs itself again once, at its

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from sheepop.cpu_allocator import glibc_version, hugepages_on, thp_mode, tunables_with_hugepages
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
-from sheepop.cpu_allocator import glibc_version, hugepages_on, thp_mode, tunables_with_hugepages
 from tests.helpers import ROOT, free_port, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
