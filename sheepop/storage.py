@@ -73,6 +73,20 @@ def filesystem(location: str | Path):
     return fs, path.rstrip("/")
 
 
+def _foreground_writes(fs):
+    """The same S3 filesystem (endpoint, credentials, region: pyarrow's own pickling form) with
+    background_writes off; any other filesystem as it is."""
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.S3FileSystem):
+        return fs
+    key = ("foreground", id(fs))
+    if key not in _fs_cache:
+        rebuild, (options,) = fs.__reduce__()
+        _fs_cache[key] = rebuild({**options, "background_writes": False})
+    return _fs_cache[key]
+
+
 def exists(location: str | Path) -> bool:
     import pyarrow.fs as pafs
 
@@ -152,8 +166,12 @@ def remove(location: str | Path) -> None:
         fs.delete_file(path)
 
 
-def upload(local_dir: str | Path, location: str | Path, files: list[str] | None = None) -> None:
-    """Copy files (relative paths; default: all) from a local folder to a location."""
+def upload(local_dir: str | Path, location: str | Path, files: list[str] | None = None,
+           in_this_thread: bool = False) -> None:
+    """Copy files (relative paths; default: all) from a local folder to a location. in_this_thread:
+    the calling thread writes every part itself (pyarrow's S3 client otherwise hands multipart
+    parts to its own I/O threads), so that a thread that lowered its CPU priority keeps all of the
+    upload's CPU work at that priority."""
     local_dir = Path(local_dir)
     files = files if files is not None else [str(p.relative_to(local_dir)) for p in local_dir.rglob("*") if p.is_file()]
     if not is_uri(location):
@@ -163,6 +181,8 @@ def upload(local_dir: str | Path, location: str | Path, files: list[str] | None 
             shutil.copyfile(local_dir / rel, dst / rel)
         return
     fs, path = filesystem(location)
+    if in_this_thread:
+        fs = _foreground_writes(fs)
     for rel in files:
         with open(local_dir / rel, "rb") as src, fs.open_output_stream(f"{path}/{rel}") as out:
             shutil.copyfileobj(src, out, length=8 * 2**20)

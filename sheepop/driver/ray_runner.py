@@ -198,7 +198,8 @@ def _worker(config: dict) -> None:
         them count); rank 0 then prunes old checkpoints."""
         folder = Path(local.path)
         checkpoint_files.write_marker(folder, rank)
-        checkpoint_files.upload(folder, storage.join(ckpt_root, dir_name))
+        checkpoint_files.upload(folder, storage.join(ckpt_root, dir_name),
+                                beside_training=cfg.cluster.checkpoint_upload == "async")
         if rank == 0:
             checkpoint_files.prune(ckpt_root, cfg.trainer.keep_checkpoints)
         return ray.train.Checkpoint(path=f"{ray_storage.experiment_fs_path}/{dir_name}",

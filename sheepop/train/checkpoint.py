@@ -40,14 +40,15 @@ class Uploads:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def submit(self, local: Path, ckpt: str, rank: int, after=None) -> None:
-        """Manifest (sha256 of each file), upload, manifest last, then after(); in a thread."""
+    def submit(self, local: Path, ckpt: str, rank: int, after=None, beside_training: bool = False) -> None:
+        """Manifest (sha256 of each file), upload, manifest last, then after(); in a thread
+        (beside_training: training goes on meanwhile, checkpoint_files.upload)."""
         self.wait()
 
         def run() -> None:
             try:
                 write_marker(local, rank)
-                upload(local, ckpt)
+                upload(local, ckpt, beside_training=beside_training)
                 if after is not None:
                     after()
             except BaseException as e:  # re-raised on the training thread at the next wait()
@@ -210,7 +211,8 @@ def save(engine, cfg: Config, state: dict, tokenizer_path: Path, *, rank: int, r
         prune(root(cfg), keep)
         return ckpt
     uploads = uploads or Uploads()
-    uploads.submit(local, ckpt, rank, after=lambda: prune(root(cfg), keep))
+    uploads.submit(local, ckpt, rank, after=lambda: prune(root(cfg), keep),
+                   beside_training=cfg.cluster.checkpoint_upload == "async")
     if cfg.cluster.checkpoint_upload == "sync":
         uploads.wait()
     return ckpt

@@ -37,6 +37,42 @@ def test_files_round_trip(kind, tmp_path, s3_env):
     assert storage.listdir(base) == ["a"]
 
 
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_an_upload_beside_training_yields_the_cpu_only_for_object_storage(kind, tmp_path, s3_env):
+    """checkpoint_files.upload(beside_training=True), as an async checkpoint upload runs it in a thread
+    of its own: to object storage that thread drops to nice 19 and writes every multipart part itself
+    (a 12 MB file: pyarrow's S3 client would hand parts to its own I/O threads); a local copy keeps
+    its priority. The files and the manifest arrive either way; the caller's priority is untouched."""
+    import threading
+
+    from sheepop.train import checkpoint_files
+
+    base = str(tmp_path / "store") if kind == "local" else f"s3://{s3_env.bucket(f'bt-{os.getpid()}')}/run"
+    local = tmp_path / "step"
+    (local / "ds").mkdir(parents=True)
+    (local / "ds" / "shard.pt").write_bytes(os.urandom(12 * 2**20))
+    checkpoint_files.write_marker(local, 0)
+    seen = {}
+
+    def upload():
+        checkpoint_files.upload(local, storage.join(base, "step_000001"), beside_training=True)
+        seen["nice"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=upload)
+    t.start()
+    t.join()
+    assert seen["nice"] == (19 if kind == "s3" else before)
+    if kind == "s3":  # the filesystem that wrote the parts: the same endpoint, no background writes
+        fs, _ = storage.filesystem(base)
+        options = storage._foreground_writes(fs).__reduce__()[1][0]
+        assert options["background_writes"] is False and options["endpoint_override"] == fs.__reduce__()[1][0]["endpoint_override"]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
+    got = storage.sizes(storage.join(base, "step_000001"))
+    assert got["ds/shard.pt"] == 12 * 2**20 and "done/rank_0.json" in got
+    assert checkpoint_files.localize(storage.join(base, "step_000001")).is_dir()  # sha256s match the manifest
+
+
 def test_unreachable_endpoint_is_one_line(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     with pytest.raises(UserError, match=r"cannot reach the S3 endpoint http://127\.0\.0\.1:9"):
