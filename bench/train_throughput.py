@@ -7,7 +7,8 @@ compile=true adds sheepop with trainer.compile=true (torch.compile per block), i
 ratio and, apart, its compile time (its warm-up steps' time less as many steady steps).
 paths=true also times the whole `sheepop train` path a user runs (data loading, the loop's
 bookkeeping, metrics lines) with cluster=process and with cluster=local (one Ray worker): the
-steady-state tokens/s of its metrics.jsonl (step_time, logged every step) for the same batch.
+steady-state tokens/s of its metrics.jsonl (step_time, logged every step) for the same batch,
+each round beside a fresh round of the plain loop, which is what the paths' ratio compares with.
 
   python bench/train_throughput.py [model=small] [steps=20] [warmup=3] [micro=16] [precision=auto] [compile=false] [paths=false] [rounds=3]
 """
@@ -135,10 +136,18 @@ def main(argv):
         compile_s = warm_s - warmup * compiled_s / steps
         rows.append(("sheepop, trainer.compile=true", compiled_s))
     eng.shutdown()
+    paths = {}
     if with_paths:  # the whole `sheepop train` step path, in its own processes (after this one's engine is gone)
-        for kind in ("process", "local"):
-            rows.append((f"sheepop train cluster={kind}",
-                         sheepop_train_seconds(kind, model_name, micro, t.precision, steps, warmup, micro * seq)))
+        # One run of each path is one sample of a noisy machine (±10% between runs here): each round
+        # times plain PyTorch again right beside the two runs, and the paths are compared with that.
+        paths = {"plain PyTorch (beside the paths)": [], "sheepop train cluster=process": [],
+                 "sheepop train cluster=local": []}
+        for _ in range(o.get("rounds", 3)):
+            paths["plain PyTorch (beside the paths)"].append(_timed(torch_step, data[warmup:]))
+            for kind in ("process", "local"):
+                paths[f"sheepop train cluster={kind}"].append(
+                    sheepop_train_seconds(kind, model_name, micro, t.precision, steps, warmup, micro * seq))
+        paths = {name: statistics.median(ts) for name, ts in paths.items()}
 
     fpt = flops_per_token(cfg.model, seq)
     print(f"model={model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
@@ -151,6 +160,13 @@ def main(argv):
         print(f"{name:<32}{1000 * secs / steps:>10.0f}{tokens / secs:>12,.0f}{tokens / secs * fpt / 1e9:>10.1f}"
               f"{plain_s / secs:>10.3f}{fused_s / secs:>10.3f}")
     print(f"ratio sheepop / plain PyTorch tokens/s: {plain_s / ds_s:.3f} (plain with fused AdamW: {fused_s / ds_s:.3f})")
+    if paths:
+        beside = paths["plain PyTorch (beside the paths)"]
+        print(f"whole step path: median of {o.get('rounds', 3)} rounds, each a plain PyTorch loop and a run of each path")
+        print(f"{'path':<32}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'vs plain':>10}")
+        for name, secs in paths.items():
+            print(f"{name:<32}{1000 * secs / steps:>10.0f}{tokens / secs:>12,.0f}{tokens / secs * fpt / 1e9:>10.1f}"
+                  f"{beside / secs:>10.3f}")
     if with_compile:
         print(f"ratio sheepop compiled / plain PyTorch (eager) tokens/s: {plain_s / compiled_s:.3f}; "
               f"compiled / sheepop eager: {ds_s / compiled_s:.3f}")
