@@ -4,7 +4,9 @@ Starts a real S3 server (moto) on 127.0.0.1 behind a bandwidth-limited TCP proxy
 127.0.0.1), both on this machine's last CPU (they stand for a remote store), then trains the same
 run with `cluster.storage_path=s3://...` (`cluster=local`: Ray Train, 1 worker; or `cluster=process`)
 on the other CPUs three times: with `cluster.checkpoint_upload=async` (the default), with `sync`,
-and async with the checkpoint staged on disk instead of in RAM (`cluster.checkpoint_staging`).
+and async with the checkpoint staged on disk instead of in RAM (`cluster.checkpoint_staging`); and
+once more with no upload at all (checkpoints in run.dir on the local disk), the baseline for what
+the step after a save costs whatever the upload does.
 For each it prints the median compute time of a normal step and of the step right after a save
 (from metrics.jsonl's step_time), their ratio (with async the upload runs beside training: ~1.0),
 and how long the save blocked training (gap between the two step lines minus the step's compute):
@@ -111,12 +113,16 @@ def main() -> int:
         results = {}
         disk = tempfile.gettempdir()
         # (row, upload mode, where the checkpoint is staged before its upload: RAM by default)
-        rows = [("async", "async", "auto"), ("sync", "sync", "auto"), (f"async, staged in {disk}", "async", disk)]
+        # The last row uploads nothing (checkpoints written into run.dir on local disk): what the
+        # step after a save costs by itself (the caches the save evicted), whatever the upload does.
+        rows = [("async", "async", "auto"), ("sync", "sync", "auto"), (f"async, staged in {disk}", "async", disk),
+                ("no upload (local run.dir)", None, "auto")]
         for label, mode, staging in rows:
-            run = work / label.replace(" ", "_").replace(",", "").replace("/", "_")
+            run = work / label.replace(" ", "_").replace(",", "").replace("/", "_").replace("(", "").replace(")", "")
+            where = ["cluster.storage_path=s3://bench/runs", f"cluster.checkpoint_upload={mode}"] if mode else []
             cmd = [sys.executable, "-m", "sheepop.cli", "train", f"model={model}", "trainer=quick", "logger=none",
-                   f"cluster={o.get('cluster', 'local')}", f"run.dir={run}", f"run.name={run.name}", "cluster.storage_path=s3://bench/runs",
-                   f"cluster.checkpoint_upload={mode}", f"cluster.checkpoint_staging={staging}",
+                   f"cluster={o.get('cluster', 'local')}", f"run.dir={run}", f"run.name={run.name}", *where,
+                   f"cluster.checkpoint_staging={staging}",
                    f"trainer.max_steps={steps}",
                    f"trainer.save_every={save_every}", "trainer.eval_every=0", "trainer.progress=false",
                    "trainer.keep_checkpoints=0", "data.max_bytes=3000000", f"data.out_dir={work / 'data'}"]
@@ -128,9 +134,9 @@ def main() -> int:
             results[label] = (*step_times(run, save_every), time.time() - t0)
         print(f"model={model}, {steps} steps, a checkpoint every {save_every}, storage at {bytes_per_s / 1e3:,.0f} kB/s; "
               f"training on CPUs {train_cpus}, the storage on {storage_cpus}")
-        print(f"{'upload':<24}{'normal step':>13}{'step after a save':>19}{'ratio':>7}{'save blocked':>14}{'run wall':>10}")
+        print(f"{'upload':<26}{'normal step':>13}{'step after a save':>19}{'ratio':>7}{'save blocked':>14}{'run wall':>10}")
         for mode, (normal, after, blocked, wall) in results.items():
-            print(f"{mode:<24}{normal * 1e3:>10.0f} ms{after * 1e3:>16.0f} ms{after / normal:>7.2f}"
+            print(f"{mode:<26}{normal * 1e3:>10.0f} ms{after * 1e3:>16.0f} ms{after / normal:>7.2f}"
                   f"{blocked * 1e3:>11.0f} ms{wall:>9.0f}s")
         return 0
     finally:
