@@ -10,7 +10,10 @@ bookkeeping, metrics lines) with cluster=process and with cluster=local (one Ray
 steady-state tokens/s of its metrics.jsonl (step_time, logged every step) for the same batch,
 each round beside a fresh round of the plain loop, which is what the paths' ratio compares with.
 
-  python bench/train_throughput.py [model=small] [steps=20] [warmup=3] [micro=16] [precision=auto] [compile=false] [paths=false] [rounds=3]
+threads=N: N compute threads everywhere (default: one per core), e.g. threads=1 on two cores leaves
+one core to everything else on the machine (Ray's own processes, with cluster=local).
+
+  python bench/train_throughput.py [model=small] [steps=20] [warmup=3] [micro=16] [precision=auto] [compile=false] [paths=false] [rounds=3] [threads=0]
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  #
 
 
 def sheepop_train_seconds(kind: str, model: str, micro: int, precision: str, steps: int, warmup: int,
-                          tokens_per_step: int) -> float:
+                          tokens_per_step: int, threads: int = 0) -> float:
     """Seconds `sheepop train cluster=KIND` spent on `steps` steady steps (after `warmup`), from its
     metrics.jsonl: the same batch as the benches above (accumulation 1), random init, no saves."""
     root = Path(__file__).resolve().parent.parent
@@ -63,9 +66,11 @@ def sheepop_train_seconds(kind: str, model: str, micro: int, precision: str, ste
                         "parallelism=ddp", "trainer.global_batch_size=0", f"trainer.micro_batch_size={micro}",
                         f"trainer.precision={precision}", f"trainer.max_steps={steps + warmup}", "trainer.eval_every=0",
                         "trainer.save_every=0", "trainer.eval_batches=1", "trainer.progress=false", "logger=none",
-                        f"run.dir={run}", "data.max_bytes=3000000", f"data.out_dir={data}-v{model}"],
+                        f"run.dir={run}", "data.max_bytes=3000000", f"data.out_dir={data}-v{model}",
+                        *([f"cluster.cpus_per_worker={threads}"] if threads and kind == "local" else [])],
                        cwd=root, capture_output=True, text=True, env={
-                           **{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "WANDB_MODE": "disabled"})
+                           **{k: v for k, v in os.environ.items() if k not in DIST_ENV}, "WANDB_MODE": "disabled",
+                           **({"OMP_NUM_THREADS": str(threads)} if threads and kind == "process" else {})})
     if r.returncode != 0:
         raise SystemExit(f"sheepop train cluster={kind} failed:\n{r.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -77,7 +82,10 @@ def sheepop_train_seconds(kind: str, model: str, micro: int, precision: str, ste
 
 def main(argv):
     o = bench_options(argv, {"model": str, "steps": int, "warmup": int, "micro": int, "precision": str, "compile": str,
-                        "paths": str, "rounds": int}, "bench/train_throughput.py")
+                        "paths": str, "rounds": int, "threads": int}, "bench/train_throughput.py")
+    threads = o.get("threads", 0)
+    if threads:
+        torch.set_num_threads(threads)
     with_compile = o.get("compile", "false").lower() == "true"
     with_paths = o.get("paths", "false").lower() == "true"
     model_name, steps, warmup = o.get("model", "small"), o.get("steps", 20), o.get("warmup", 3)
@@ -146,7 +154,7 @@ def main(argv):
             paths["plain PyTorch (beside the paths)"].append(_timed(torch_step, data[warmup:]))
             for kind in ("process", "local"):
                 paths[f"sheepop train cluster={kind}"].append(
-                    sheepop_train_seconds(kind, model_name, micro, t.precision, steps, warmup, micro * seq))
+                    sheepop_train_seconds(kind, model_name, micro, t.precision, steps, warmup, micro * seq, threads))
         paths = {name: statistics.median(ts) for name, ts in paths.items()}
 
     fpt = flops_per_token(cfg.model, seq)
