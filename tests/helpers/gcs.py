@@ -6,12 +6,11 @@ the variable Google's own clients read and sheepop.storage honours; no credentia
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
 from sheepop.net import free_port
+from tests.helpers import servers
 
 
 def binary() -> Path | None:
@@ -28,20 +27,10 @@ class GCSServer:
     def __init__(self, log_dir: Path):
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.log = open(Path(log_dir) / f"fake-gcs-{self.port}.log", "w")
-        self.proc = subprocess.Popen([str(binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-                                      "-port", str(self.port), "-external-url", self.endpoint, "-log-level", "warn"],
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(self.endpoint + "/storage/v1/b", timeout=2):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"fake-gcs-server did not start on port {self.port}")
-                time.sleep(0.1)
+        self.proc, self.log = servers.start(
+            [str(binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(self.port),
+             "-external-url", self.endpoint, "-log-level", "warn"],
+            Path(log_dir) / f"fake-gcs-{self.port}.log", self.endpoint + "/storage/v1/b", "fake-gcs-server")
 
     def env(self) -> dict[str, str]:
         return {"STORAGE_EMULATOR_HOST": self.endpoint}
@@ -65,10 +54,4 @@ class GCSServer:
                 return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+        servers.stop(self.proc, self.log)

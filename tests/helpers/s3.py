@@ -1,18 +1,16 @@
 """A real S3 server on loopback for the object-storage tests: moto's server (`moto[server]`),
-started by the test on a free port of 127.0.0.1, stopped by PID. Clients reach it through the
-standard AWS_* variables that `env()` returns (dummy keys; the metadata service is switched off
-so no SDK ever asks the network for an instance role)."""
+started by the test on a free port of 127.0.0.1 (tests.helpers.servers), stopped by PID. Clients
+reach it through the standard AWS_* variables that `env()` returns (dummy keys; the metadata
+service is switched off so no SDK ever asks the network for an instance role)."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from sheepop.net import free_port
+from tests.helpers import servers
 
 DUMMY_KEY, DUMMY_SECRET = "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 
@@ -26,20 +24,10 @@ class S3Server:
         env = {**os.environ}
         if enforce_auth_after is not None:
             env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(enforce_auth_after)
-        self.log = open(Path(log_dir) / f"moto-{self.port}.log", "w")
         moto = Path(sys.executable).parent / "moto_server"
-        self.proc = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.port)], env=env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=2):
-                    break
-            except OSError:
-                if self.proc.poll() is not None or time.time() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"moto_server did not start on port {self.port}")
-                time.sleep(0.2)
+        self.proc, self.log = servers.start([str(moto), "-H", "127.0.0.1", "-p", str(self.port)],
+                                            Path(log_dir) / f"moto-{self.port}.log", self.endpoint + "/moto-api/",
+                                            "moto_server", env=env)
 
     def env(self, **extra: str) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": DUMMY_KEY,
@@ -88,10 +76,4 @@ class S3Server:
             return ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+        servers.stop(self.proc, self.log)
