@@ -200,8 +200,13 @@ def upload(local_dir: str | Path, location: str | Path, files: list[str] | None 
     if not is_uri(location):
         dst = local_path(location)
         for rel in files:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(local_dir / rel, dst / rel)
+            # Through a temporary name, as an object store does it: a rank reading another rank's
+            # manifest while it is being copied (checkpoint_files.prune) sees it whole or not at all.
+            target = dst / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            shutil.copyfile(local_dir / rel, tmp)
+            tmp.replace(target)
         return
     fs, path = filesystem(location)
     if in_this_thread:

@@ -53,6 +53,29 @@ def test_files_round_trip(kind, tmp_path, request):
     assert storage.listdir(base) == ["a"]
 
 
+def test_a_local_upload_never_shows_a_partial_file(tmp_path, monkeypatch):
+    """Another rank may read a manifest while it is being uploaded (prune does, after its own
+    upload): a local upload, like an object store, makes each file appear whole or not at all."""
+    import shutil
+
+    src = tmp_path / "src"
+    (src / "done").mkdir(parents=True)
+    (src / "done" / "rank_1.json").write_text('{"files": {}}')
+    dst = tmp_path / "dst"
+    seen = []
+    real_copy = shutil.copyfile
+
+    def copy_and_look(a, b):
+        real_copy(a, b)
+        seen.append(sorted(p.name for p in (dst / "done").iterdir()))  # what a reader sees mid-upload
+
+    monkeypatch.setattr(storage.shutil, "copyfile", copy_and_look)
+    storage.upload(src, dst)
+    assert seen and all("rank_1.json" not in names for names in seen)
+    assert storage.read_text(dst / "done" / "rank_1.json") == '{"files": {}}'
+    assert storage.listdir(dst / "done") == ["rank_1.json"]  # no temporary file left behind
+
+
 @pytest.mark.parametrize("kind", ["local", "s3"])
 def test_an_upload_beside_training_yields_the_cpu_only_for_object_storage(kind, tmp_path, s3_env):
     """checkpoint_files.upload(beside_training=True), as an async checkpoint upload runs it in a thread
