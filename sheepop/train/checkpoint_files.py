@@ -195,9 +195,10 @@ def prune(ckpt_root: str, keep: int) -> None:
     if good:
         newest = good[-1]
         for c in found:
-            if c not in good and _step(c) < _step(newest):
+            if c not in good and step_of(c) < step_of(newest):
                 storage.remove(c)
 
 
-def _step(ckpt: str) -> int:
+def step_of(ckpt: str | Path) -> int:
+    """N of a step_N checkpoint folder."""
     return int(STEP_DIR.match(storage.name(ckpt)).group(1))

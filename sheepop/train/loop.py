@@ -25,7 +25,7 @@ from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, documen
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
 from sheepop.model.transformer import Transformer, document_attended, flops_per_token
-from sheepop.train import checkpoint, checkpoint_files, engine as eng
+from sheepop.train import checkpoint, checkpoint_files, engine as eng, restart
 from sheepop.train.guard import DivergenceGuard
 from sheepop.train.host_reads import LaggedFlags, StepValue, StepValues
 from sheepop.train.profile import StepProfiler
@@ -40,7 +40,8 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     """Train to trainer.max_steps (or a stop request); returns the last metrics of this rank.
 
     report(dir, name): Ray Train's checkpoint hand-off (None without Ray).
-    restored: the checkpoint Ray Train hands a restarted worker group; it replaces plan.resume.
+    restored: the checkpoint Ray Train hands a restarted worker group. With Ray, rank 0 picks the
+    checkpoint to continue from (sheepop.train.restart); it replaces plan.resume.
     """
     startup.mark("worker")  # this rank's process is up and has imported torch, DeepSpeed and the loop
     if plan.startup.get("launch") != (began := startup.process_start()):  # a Ray worker: its own process
@@ -78,6 +79,9 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     torch.manual_seed(seed)  # same init on every rank
     args = cfg.model
     model = Transformer(args)
+    ray_recorded = restored
+    if report is not None:  # Ray Train started this group: a restart continues from the newest checkpoint
+        restored = restart.continue_from(checkpoint.root(cfg), plan.launch, restored, plan.resume, rank)
     resume_dir = restored or plan.resume
     if resume_dir is None and plan.init_from:  # a fresh start from imported weights (a resume has trained ones)
         checkpoint.load_hf(model, plan.init_from)
@@ -90,6 +94,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
         state.update(_merged(checkpoint.load(engine, resume_dir, rank, universal), state))
         state["attempt"] = state.get("attempt", 0) + 1
         startup.mark("checkpoint_loaded")
+    state["launch"] = plan.launch  # in every checkpoint this launch saves (sheepop.train.restart)
     watchdog.attempt = state["attempt"]
     good = (resume_dir, universal)  # the checkpoint a rollback returns to (saved by a healthy model)
     uploads = checkpoint.Uploads() if report is None else None  # Ray Train uploads when it is there
@@ -166,6 +171,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                precision=eng.precision_mode(t_cfg.precision), cpu_threads=torch.get_num_threads(),
                malloc_hugepages=hugepages_on(),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None,
+               ray_checkpoint=str(ray_recorded) if ray_recorded else None,  # what Ray Train had recorded
                startup=startup.since(plan.startup["launch"], {**plan.startup, **startup.marks()})
                if plan.startup else None)
     if start_step == 0:

@@ -4,11 +4,13 @@ The driver (sheepop.driver.runner) decides each thing once — the batch plan fo
 the checkpoint to resume from and whether it must go through DeepSpeed's universal format, the
 prepared data — and every rank receives this plan. Ranks verify it (world size, data on their
 node) and never decide again. The one exception is Ray Train's own restart after a worker
-failure: it hands each rank the latest checkpoint it recorded, which then takes the place of
-`resume` (see sheepop.driver.ray_runner).
+failure, where no driver is asked: the restarted group's rank 0 picks the checkpoint to continue
+from (the newer of the one Ray Train recorded and the newest this launch completed in storage) and
+every rank takes its answer (sheepop.train.restart).
 """
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from sheepop.config import BatchPlan, Config
@@ -35,6 +37,9 @@ class RunPlan:
     # sheepop.startup: when the driver's phases ended (wall clock; "launch" = the `sheepop` process's
     # start); rank 0 adds its own and logs them in its start event.
     startup: dict[str, float] = field(default_factory=dict)
+    # This `sheepop train`'s id, in every checkpoint it saves (meta.json "launch"): a restarted worker
+    # group tells the checkpoints of its own launch from older ones in the same folder.
+    launch: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def batch_for(self, world_size: int) -> BatchPlan:
         """A rank's check that it runs in a world the plan was made for; that world's batch plan."""

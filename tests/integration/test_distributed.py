@@ -18,6 +18,7 @@ import torch
 
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.checkpoint import consolidated_state_dict
+from sheepop.train.checkpoint_files import latest
 from tests.helpers import ROOT, TINY_DATA, one_error_line, sheepop
 
 STEPS = 12
@@ -98,20 +99,26 @@ def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stag
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):
+    """A worker killed right after a checkpoint completed in storage: the restarted group goes on
+    from that checkpoint, although Ray Train's controller, polling every 2 s (Ray's own default),
+    has most likely not taken its report yet (it hands the group an older checkpoint, or none:
+    before sheepop.train.restart, the run went back to step 0)."""
     run = tmp_path / "ft"
     args = on_ray(ray_head, run, "parallelism=zero2", "cluster.max_failures=1", "trainer.max_steps=20",
                   "trainer.save_every=5")
     p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", *args], cwd=ROOT,
+                         env={**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"},
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     killed = None
-    deadline = time.monotonic() + 600  # a hang guard: step 7 comes within a minute or two normally
+    deadline = time.monotonic() + 600  # a hang guard: step 5's checkpoint comes within a minute or two normally
     while time.monotonic() < deadline and p.poll() is None and killed is None:
         done = [r for r in read_metrics(run) if "loss" in r]
         status = run / "rank1.json"
-        if done and done[-1]["step"] >= 7 and status.is_file():
+        complete = latest(run / "checkpoints") if (run / "checkpoints").is_dir() else None
+        if complete and complete.endswith("step_000005") and done and done[-1]["step"] >= 6 and status.is_file():
             killed = json.loads(status.read_text())["pid"]
             os.kill(killed, signal.SIGKILL)  # a real worker process dies mid-run
-        time.sleep(0.1)
+        time.sleep(0.05)
     if killed is None:
         p.kill()
     out, err = p.communicate(timeout=900)
@@ -119,7 +126,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):
     assert p.returncode == 0, err[-3000:]
     events = read_metrics(run)
     resumes = [e for e in events if e.get("event") == "resume"]
-    assert len(resumes) == 1 and resumes[0]["attempt"] == 1 and resumes[0]["step"] == 5
+    assert len(resumes) == 1 and resumes[0]["attempt"] == 1 and resumes[0]["step"] == 5, resumes
     assert json.loads((run / "rank1.json").read_text())["pid"] != killed  # a new process took over
     assert sorted(losses(run)) == list(range(1, 21))
     # Steps run twice (before the kill and after the restart) give the same loss: nothing was lost.
@@ -127,6 +134,8 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):
     second = {r["step"]: r["loss"] for r in events[events.index(resumes[0]):] if "loss" in r}
     again = set(first) & set(second)
     assert again and max(abs(first[s] - second[s]) for s in again) < 1e-4
+    # Every checkpoint this run saved carries its launch id (how a restart knows its own).
+    assert len({json.loads((c / "meta.json").read_text())["launch"] for c in (run / "checkpoints").glob("step_*")}) == 1
 
 
 def test_zero3_offload_trains_like_stage0(tmp_path):
