@@ -192,6 +192,10 @@ class ClusterConfig:
     checkpoint_staging: str = "auto"  # where a checkpoint for object storage is written before upload: auto (RAM, /dev/shm, when it fits; else the temp dir) | a folder
     wait_for_resources: bool = False  # kind=ray on an autoscaling cluster: wait for missing CPUs/GPUs (else fail at once)
     num_cpus: int = 0  # kind=local: CPUs Ray may use (0 = all)
+    # kind=local: start Ray's dashboard too (http://127.0.0.1:8265). Off by default: sheepop's own live
+    # view shows the run, and the dashboard's ~10 processes hold ~1 GB and add ~1.6 s to the start
+    # (bench/local_ray_cost.py, 2026-12-07, 2 cores). A cluster (kind=ray) keeps its own dashboard.
+    dashboard: bool = False
     gpu: str = "h100-80gb"  # GPU type, for `sheepop plan` (sheepop.perf.GPUS)
     mfu: float = 0.4  # model FLOPs utilisation `sheepop plan` assumes for its time estimate
 

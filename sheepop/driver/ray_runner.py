@@ -98,7 +98,7 @@ def start_ray(cfg: Config, console: Console) -> bool:
         # would cost a runtime-env agent round trip per worker process (2026-12-02, 2 cores: ray.init
         # 6.5 vs 4.7 s, each actor 1.9 vs 0.5 s). RAY_LOCAL_TRAIN_ENV: what Ray Train starts, kept lean.
         with environ_set(env):
-            ctx = ray.init(address="local", num_cpus=c.num_cpus or usable_cpus(), include_dashboard=True,
+            ctx = ray.init(address="local", num_cpus=c.num_cpus or usable_cpus(), include_dashboard=c.dashboard,
                            dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", log_to_driver=False,
                            logging_level="WARNING", configure_logging=True)
         started = True

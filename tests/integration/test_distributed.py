@@ -153,31 +153,38 @@ def test_zero3_offload_trains_like_stage0(tmp_path):
 
 
 LISTENERS = r'''
-import json, os, psutil, ray
+import json, os, sys, psutil, ray
 from rich.console import Console
 from sheepop.config import compose
 from sheepop.driver.ray_runner import start_ray
 
-start_ray(compose(["cluster=local", "cluster.num_cpus=1", "logger=none"]), Console(quiet=True))
+start_ray(compose(["cluster=local", "cluster.num_cpus=1", "logger=none", *sys.argv[1:]]), Console(quiet=True))
 ifname, tp = ray.get(ray.remote(lambda: (os.environ.get("GLOO_SOCKET_IFNAME"),  # a worker is up too
                                           os.environ.get("TOKENIZERS_PARALLELISM"))).remote())
-socks = []
+socks, procs = [], []
 for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
     try:
+        procs.append(" ".join(p.cmdline()))
         socks += [[p.name(), c.laddr.ip, c.laddr.port] for c in p.net_connections("tcp") if c.status == psutil.CONN_LISTEN]
     except psutil.Error:
         pass
 ray.shutdown()
-print(json.dumps({"ifname": ifname, "tokenizers_parallelism": tp, "socks": socks}))
+print(json.dumps({"ifname": ifname, "tokenizers_parallelism": tp, "socks": socks, "procs": procs}))
 '''
+
+
+def local_ray(*overrides: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", LISTENERS, *overrides], capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_local_cluster_listens_on_loopback_only():
     """cluster=local: every TCP port of the Ray instance sheepop starts (GCS, raylet, object manager,
     dashboard, agents, workers) is bound to 127.0.0.1, and workers pin gloo to the loopback interface."""
-    r = subprocess.run([sys.executable, "-c", LISTENERS], capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got = json.loads(r.stdout.strip().splitlines()[-1])
+    got = local_ray("cluster.dashboard=true")
+    assert [p for p in got["procs"] if "ray-dashboard-" in p]  # there, and bound to loopback below
     names = {name for name, _, _ in got["socks"]}
     assert {"gcs_server", "raylet"} <= names, got["socks"]  # the core services were seen listening
     outside = [s for s in got["socks"] if s[1] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
@@ -192,3 +199,15 @@ def test_more_workers_than_the_cluster_can_place_fail_in_one_line(ray_head, tmp_
     r = sheepop("train", *on_ray(ray_head, tmp_path / "run", "cluster.num_workers=3", "trainer.global_batch_size=12"))
     line = one_error_line(r)
     assert "cluster.num_workers=3 workers × (1 CPU) each; the cluster has 2 CPU" in line and "room for 2" in line
+
+
+def test_local_cluster_without_dashboard():
+    """cluster.dashboard=false (the default): no dashboard process, nothing on its port (bench/local_ray_cost.py:
+    about 0.9 GB less memory on a 2-core machine)."""
+    got = local_ray()
+    # Ray still runs dashboard.py for its usage-stats module alone, without the UI or the module heads.
+    heads = [p for p in got["procs"] if "ray-dashboard-" in p]
+    assert not heads, heads
+    assert all("--disable-frontend" in p for p in got["procs"] if "dashboard/dashboard.py" in p)
+    assert 8265 not in {port for _, _, port in got["socks"]}
+    assert {"gcs_server", "raylet"} <= {name for name, _, _ in got["socks"]}  # Ray itself is there
