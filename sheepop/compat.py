@@ -320,11 +320,11 @@ def gcs_listdir(fs, path: str) -> list[str]:
 
 def gcs_delete_dir(fs, path: str) -> None:
     """delete_dir on a GcsFileSystem, for a folder that may have no marker object."""
+    import pyarrow.fs as pafs
+
     fs.delete_dir_contents(path, missing_dir_ok=True)
-    try:
-        fs.delete_file(path.rstrip("/") + "/")  # the marker, where create_dir made one
-    except FileNotFoundError:
-        pass
+    if fs.get_file_info(path).type == pafs.FileType.Directory:  # a marker that create_dir made is left
+        fs.delete_dir(path)  # (delete_file refuses a marker; delete_dir without one raises)
 
 
 # --- Hydra 1.3 -------------------------------------------------------------------------------------

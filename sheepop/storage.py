@@ -216,16 +216,18 @@ def upload(local_dir: str | Path, location: str | Path, files: list[str] | None 
             shutil.copyfileobj(src, out, length=8 * 2**20)
 
 
-def download(location: str | Path, local_dir: str | Path, files: list[str] | None = None) -> Path:
+def download(location: str | Path, local_dir: str | Path, files: list[str] | None = None, keep=None) -> Path:
     """Copy files (relative paths; default: all) from a location into a local folder; returns it.
-    A file already there with the same size is kept."""
+
+    keep(rel, path) -> bool: whether a copy already in local_dir is still the file in storage (no
+    download then). Default: never; a cache must say how it knows (a size alone does not: a run or
+    data rewritten at the same URI has files of the same sizes and other bytes)."""
     local_dir = Path(local_dir)
-    have = sizes(location)
-    wanted = files if files is not None else list(have)
+    wanted = files if files is not None else list(sizes(location))
     fs, path = filesystem(location)
     for rel in wanted:
         dst = local_dir / rel
-        if dst.is_file() and rel in have and dst.stat().st_size == have[rel]:
+        if keep is not None and dst.is_file() and keep(rel, dst):
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = dst.with_name(f".{dst.name}.{os.getpid()}.part")

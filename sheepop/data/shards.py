@@ -114,7 +114,7 @@ def _prepare_in_storage(cfg: dict, log, progress) -> dict:
     try:
         found = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
         if found.get("fingerprint") == fp:
-            storage.download(uri, local_dir(uri), ["tokenizer.json"])  # the driver needs it, not the shards
+            storage.download(uri, local_dir(uri), ["tokenizer.json"])  # the driver needs it, not the shards (fresh)
             return found
         log(f"inputs changed since {uri} was prepared: preparing again")
     except (OSError, ValueError):
@@ -176,8 +176,20 @@ def _fill_cache(uri: str, manifest: dict, where: str) -> None:
         if not storage.is_file(storage.join(uri, "manifest.json")):
             raise UserError(f"data.out_dir={uri}: no manifest.json there (seen from {where or 'this node'}); "
                             "prepare it first (`sheepop prepare`); training workers do not prepare data")
-        missing = [s for s in shards if not (local / s["file"]).is_file()
-                   or (local / s["file"]).stat().st_size != s["tokens"] * itemsize]
+        try:  # written after the last fill: what the shards here were prepared from
+            cached = json.loads((local / "manifest.json").read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            cached = None
+
+        def fresh(s: dict) -> bool:
+            """A shard here is the one in storage: the right size, and from the same preparation (data
+            prepared again at this URI has shards of the same names and sizes) or its sha256."""
+            p = local / s["file"]
+            if not p.is_file() or p.stat().st_size != s["tokens"] * itemsize:
+                return False
+            return (cached is not None and cached == manifest.get("fingerprint")) or storage.sha256_file(p) == s.get("sha256")
+
+        missing = [s for s in shards if not fresh(s)]
         storage.download(uri, local, [s["file"] for s in missing] + ["tokenizer.json"])
         for s in missing:
             if "sha256" in s and storage.sha256_file(local / s["file"]) != s["sha256"]:

@@ -161,7 +161,15 @@ def localize(ckpt: str, rank: int | None = None) -> Path:
     else:
         local = storage.cache_dir(ckpt)
         wanted = rank_files(ckpt, rank) if rank is not None else None
-        storage.download(ckpt, local, wanted)
+        files = wanted if wanted is not None else list(storage.sizes(ckpt))
+        markers = [f for f in files if f.startswith(DONE + "/")]
+        storage.download(ckpt, local, markers)  # always fresh: they say what the other files must be
+        expected = {f: tuple(v) for m in _local_manifests(local).values() for f, v in m["files"].items()}
+        # A cached file counts only with the manifest's size and sha256: the same step saved again at
+        # this URI (a new run of the same name, a restart's re-save) has files of the same sizes.
+        storage.download(ckpt, local, [f for f in files if f not in markers],
+                         keep=lambda f, p: f in expected and p.stat().st_size == expected[f][0]
+                         and storage.sha256_file(p) == expected[f][1])
     manifests = _local_manifests(local)
     for r, m in manifests.items():
         for f, (size, sha) in m["files"].items():

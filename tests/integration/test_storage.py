@@ -3,6 +3,8 @@
 naming the problem."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 import pytest
@@ -127,6 +129,21 @@ def test_gcs_listing_still_needs_the_workaround(gcs_env):
     assert storage.listdir(base) == []  # the file is gone: the folder with it
 
 
+def test_gcs_remove_takes_a_folders_marker_too(gcs_env):
+    """A folder that another tool created with a marker object (pyarrow's create_dir, the console):
+    storage.remove deletes its contents and the marker, and nothing is left in the bucket."""
+    bucket = gcs_env.bucket(f"marker-{os.getpid()}")
+    base = f"gs://{bucket}/run"
+    fs, path = storage.filesystem(base)
+    fs.create_dir(f"{path}/checkpoints/step_000003")
+    storage.write_text(storage.join(base, "checkpoints", "step_000003", "meta.json"), "{}")
+    assert any(k.endswith("step_000003/") for k in gcs_env.objects(bucket))  # the marker is there
+    assert storage.listdir(storage.join(base, "checkpoints")) == ["step_000003"]
+    storage.remove(storage.join(base, "checkpoints", "step_000003"))
+    assert storage.listdir(storage.join(base, "checkpoints")) == []
+    assert not [k for k in gcs_env.objects(bucket) if "step_000003" in k]
+
+
 def test_gcs_checks_are_one_line(gcs_env, monkeypatch):
     with pytest.raises(UserError, match="bucket 'no-such-bucket' does not exist"):
         storage.check_writable("gs://no-such-bucket/x", "cluster.storage_path")
@@ -174,3 +191,45 @@ def test_writable_locations_pass(s3_env, tmp_path):
     storage.check_writable(str(tmp_path / "new" / "dir"), "run.dir")
     storage.check_writable(f"s3://{s3_env.bucket('fine-bucket')}/runs", "cluster.storage_path")
     assert storage.listdir("s3://fine-bucket/runs") == []  # the probe object is gone again
+
+
+def test_a_checkpoint_saved_again_at_the_same_uri_is_read_fresh(s3_env, tmp_path, monkeypatch):
+    """A step saved again where it was before (a new run of the same run.name, a restarted group's
+    re-save) has files of the same sizes and other bytes: a rank's local cache of the old one must
+    not stand in for it. (Before: kept by size, then refused as "does not match its manifest".)"""
+    from sheepop.train import checkpoint_files
+
+    monkeypatch.setenv("SHEEPOP_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt = f"s3://{s3_env.bucket(f'again-{os.getpid()}')}/run/checkpoints/step_000001"
+    for version in (b"a", b"b"):
+        local = tmp_path / f"save-{version.decode()}"
+        (local / "ds").mkdir(parents=True)
+        (local / "ds" / "shard.pt").write_bytes(version * 1000)
+        (local / "meta.json").write_text(json.dumps({"step": 1, "v": version.decode()}))
+        checkpoint_files.write_marker(local, 0)
+        checkpoint_files.upload(local, ckpt)
+        got = checkpoint_files.localize(ckpt, rank=0)
+        assert (got / "ds" / "shard.pt").read_bytes() == version * 1000
+        assert json.loads((got / "meta.json").read_text())["v"] == version.decode()
+
+
+def test_data_prepared_again_at_the_same_uri_is_not_read_from_a_stale_cache(s3_env, tmp_path, monkeypatch):
+    """A node's cache of data.out_dir in storage holds shards of an earlier preparation, with the
+    same names and sizes: filling it for the new manifest downloads them again."""
+    import numpy as np
+
+    from sheepop.data.shards import local_dir, verify_prepared
+
+    monkeypatch.setenv("SHEEPOP_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"s3://{s3_env.bucket(f'data-{os.getpid()}')}/stdlib"
+    for fingerprint, token in (("first", 1), ("second", 2)):
+        shard = np.full(64, token, dtype=np.uint16).tobytes()
+        manifest = {"fingerprint": fingerprint, "dtype": "uint16",
+                    "splits": {"train": {"shards": [{"file": "train_000.bin", "tokens": 64,
+                                                     "sha256": hashlib.sha256(shard).hexdigest()}]}}}
+        storage.write_bytes(storage.join(uri, "train_000.bin"), shard)
+        storage.write_text(storage.join(uri, "tokenizer.json"), "{}")
+        storage.write_text(storage.join(uri, "manifest.json"), json.dumps(manifest))
+        out = verify_prepared(uri, manifest, where="this node")
+        assert out == local_dir(uri)
+        assert np.fromfile(out / "train_000.bin", dtype=np.uint16).tolist() == [token] * 64
