@@ -155,6 +155,7 @@ def localize(ckpt: str, rank: int | None = None) -> Path:
     files checked against their manifests (size and sha256). A local checkpoint is used in place."""
     from sheepop.errors import UserError
 
+    checked: set[str] = set()  # cached files already matched to their manifest
     if not storage.is_uri(ckpt):
         local = storage.local_path(ckpt)
         wanted = None
@@ -163,19 +164,28 @@ def localize(ckpt: str, rank: int | None = None) -> Path:
         wanted = rank_files(ckpt, rank) if rank is not None else None
         files = wanted if wanted is not None else list(storage.sizes(ckpt))
         markers = [f for f in files if f.startswith(DONE + "/")]
+        for old in (local / DONE).glob("rank_*.json") if (local / DONE).is_dir() else []:
+            if f"{DONE}/{old.name}" not in markers:
+                old.unlink()  # a rank of an earlier save here that this one does not have
         storage.download(ckpt, local, markers)  # always fresh: they say what the other files must be
         expected = {f: tuple(v) for m in _local_manifests(local).values() for f, v in m["files"].items()}
-        # A cached file counts only with the manifest's size and sha256: the same step saved again at
-        # this URI (a new run of the same name, a restart's re-save) has files of the same sizes.
-        storage.download(ckpt, local, [f for f in files if f not in markers],
-                         keep=lambda f, p: f in expected and p.stat().st_size == expected[f][0]
-                         and storage.sha256_file(p) == expected[f][1])
+
+        def still_good(f: str, p: Path) -> bool:
+            """A cached file counts only with its manifest's size and sha256: the same step saved
+            again at this URI (a new run of the same name, a restart's re-save) has files of the
+            same sizes and other bytes."""
+            if f in expected and p.stat().st_size == expected[f][0] and storage.sha256_file(p) == expected[f][1]:
+                checked.add(f)
+                return True
+            return False
+
+        storage.download(ckpt, local, [f for f in files if f not in markers], keep=still_good)
     manifests = _local_manifests(local)
     for r, m in manifests.items():
         for f, (size, sha) in m["files"].items():
             if wanted is not None and f not in wanted:
                 continue
-            if rank is not None and r not in (rank, 0):
+            if (rank is not None and r not in (rank, 0)) or f in checked:
                 continue
             p = local / f
             if not p.is_file() or p.stat().st_size != size or storage.sha256_file(p) != sha:
