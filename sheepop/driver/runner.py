@@ -77,11 +77,29 @@ def preflight(cfg: Config) -> str | None:
                         "use trainer.resume=auto to continue it, or a new run.dir / run.name")
     if resume is not None:
         meta = checkpoint.read_meta(resume)
+        check_no_newer_checkpoints(cfg, resume, meta["step"], existing)
         if meta["step"] >= cfg.trainer.max_steps:
             raise UserError(f"checkpoint {resume} is at step {meta['step']} >= trainer.max_steps="
                             f"{cfg.trainer.max_steps}: nothing to train; raise trainer.max_steps")
         check_same_model(cfg, resume)
     return resume
+
+
+def check_no_newer_checkpoints(cfg: Config, resume: str, step: int, existing: list[str]) -> None:
+    """A resume from an older checkpoint of this very run (trainer.resume=<run>/checkpoints/step_N
+    while step_M > N is complete there) would save over the newer ones step by step, and until it
+    did, `trainer.resume=auto` after a failure would pick a checkpoint of the abandoned branch."""
+    from sheepop import storage
+    from sheepop.train import checkpoint_files
+
+    if storage.normalize(resume).rsplit("/", 1)[0] != storage.normalize(checkpoint_files.root(cfg)):
+        return  # another run's checkpoint: this run's folder is its own
+    newer = [c for c in existing if checkpoint_files.step_of(c) > step and checkpoint_files.problem(c) is None]
+    if newer:
+        raise UserError(f"trainer.resume={cfg.trainer.resume}: this run has newer checkpoints "
+                        f"({', '.join(storage.name(c) for c in newer)}) that the resumed run would overwrite; "
+                        f"valid: trainer.resume=auto (the newest), a new run.dir or run.name to branch from "
+                        f"{storage.name(resume)}, or delete the newer checkpoints first")
 
 
 def prebuild_ops(cfg: Config) -> None:

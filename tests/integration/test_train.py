@@ -147,8 +147,13 @@ def test_ctrl_c_saves_and_resume_reproduces_uninterrupted_run(tmp_path):
 
 def test_refused_resumes_leave_existing_checkpoints_untouched(tmp_path):
     run = tmp_path / "r"
-    assert sheepop("train", *tiny_overrides(run, "trainer.max_steps=3", *FP32)).returncode == 0
+    assert sheepop("train", *tiny_overrides(run, "trainer.max_steps=3", "trainer.save_every=2", *FP32)).returncode == 0
     before = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
+    # Back to an older checkpoint of the same run: its re-saves would overwrite step 3, and a
+    # resume=auto after a failure would pick the abandoned step 3. A branch goes to a new run.dir.
+    r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", f"trainer.resume={run}/checkpoints/step_000002"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "newer checkpoints (step_000003)" in r.stderr and "a new run.dir or run.name" in r.stderr
     r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", "trainer.resume=never"))
     assert r.returncode == 2 and "already has checkpoints" in r.stderr and "Traceback" not in r.stderr
     # Another model shape: one line naming the setting, before any DeepSpeed load fails on size mismatches.
