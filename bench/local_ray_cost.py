@@ -6,11 +6,12 @@ the median step_time of `seconds` of training after the first 5 logged steps:
   dashboard: rounds of one run with Ray's dashboard (cluster.dashboard=true) and one
      without, in alternating order; also the resident memory of all Ray processes (the worker
      included) and the time to the 5th logged step.
-  phases: one run (after `seconds` of settling) whose phases differ in what else may use the CPU, every phase beside the same
-     baseline: Ray's processes and the worker's non-compute threads at nice 19 (then back at 0),
-     then Ray's helper processes frozen (SIGSTOP: they never wake) one group after another
-     (sheepop's StopFlag actor, the dashboard's processes, Ray Train's SynchronizationActor),
-     then all thawed. A frozen process is what removing it would give at best.
+  phases: one run with the dashboard on (after `seconds` of settling) whose phases differ in what
+     else may use the CPU, each against the same baseline: Ray's processes and the worker's
+     non-compute threads at nice 19 (then back at 0), then Ray's helper processes frozen
+     (SIGSTOP: they never wake) one group after another (sheepop's StopFlag actor, the
+     dashboard's processes, Ray Train's SynchronizationActor), then all thawed. A frozen process
+     is what removing it would give at best.
 
     python bench/local_ray_cost.py [what=dashboard,phases] [rounds=3] [seconds=25] [model=small] [micro=8]
 """
@@ -136,7 +137,7 @@ def dashboard(o: dict) -> None:
 
 
 def phases(o: dict) -> None:
-    run = Run(o["model"], o["micro"])
+    run = Run(o["model"], o["micro"], "cluster.dashboard=true")  # its processes are one of the groups frozen
     frozen: list[int] = []
     try:
         run.warm()
@@ -161,8 +162,9 @@ def phases(o: dict) -> None:
                 except OSError:
                     pass  # a thread that ended
             phase("Ray's processes, the worker's other threads at nice 19" if nice else "all back at nice 0")
-        for k, (name, names) in enumerate((("sheepop's StopFlag actor", ("ray::StopFlag",)), ("the dashboard's processes", DASHBOARD),
-                            ("Ray Train's SynchronizationActor", ("ray::SynchronizationActor",)))):
+        groups = (("sheepop's StopFlag actor", ("ray::StopFlag",)), ("the dashboard's processes", DASHBOARD),
+                  ("Ray Train's SynchronizationActor", ("ray::SynchronizationActor",)))
+        for k, (name, names) in enumerate(groups):
             for pid in processes(names):
                 os.kill(pid, signal.SIGSTOP)
                 frozen.append(pid)

@@ -69,7 +69,7 @@ def _read_manifest(out: str, i: int) -> dict:
             manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
             from sheepop.data.shards import local_dir
 
-            storage.download(out, local_dir(out), ["tokenizer.json"])  # the driver needs it, not the shards (fresh)
+            storage.download(out, local_dir(out), ["tokenizer.json"])  # the driver needs it, not the shards
             return manifest
         path = Path(out) / "manifest.json"
         if not path.is_file():

@@ -114,7 +114,7 @@ def _prepare_in_storage(cfg: dict, log, progress) -> dict:
     try:
         found = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
         if found.get("fingerprint") == fp:
-            storage.download(uri, local_dir(uri), ["tokenizer.json"])  # the driver needs it, not the shards (fresh)
+            storage.download(uri, local_dir(uri), ["tokenizer.json"])  # the driver needs it, not the shards
             return found
         log(f"inputs changed since {uri} was prepared: preparing again")
     except (OSError, ValueError):
@@ -187,7 +187,8 @@ def _fill_cache(uri: str, manifest: dict, where: str) -> None:
             p = local / s["file"]
             if not p.is_file() or p.stat().st_size != s["tokens"] * itemsize:
                 return False
-            return (cached is not None and cached == manifest.get("fingerprint")) or storage.sha256_file(p) == s.get("sha256")
+            same_preparation = cached is not None and cached == manifest.get("fingerprint")
+            return same_preparation or storage.sha256_file(p) == s.get("sha256")
 
         missing = [s for s in shards if not fresh(s)]
         storage.download(uri, local, [s["file"] for s in missing] + ["tokenizer.json"])
