@@ -18,9 +18,10 @@ from sheepop import storage
 from sheepop.train.checkpoint_files import list_checkpoints, problem, read_meta, step_of
 
 
-def newest_of_launch(ckpt_root: str, launch: str, after_step: int) -> str | None:
-    """The newest complete checkpoint in ckpt_root that launch `launch` saved after step `after_step`."""
-    for ckpt in reversed(list_checkpoints(ckpt_root)):
+def newest_of_launch(found: list[str], launch: str, after_step: int) -> str | None:
+    """The newest complete checkpoint of `found` (list_checkpoints) that launch `launch` saved after
+    step `after_step`."""
+    for ckpt in reversed(found):
         if step_of(ckpt) <= after_step:
             return None
         if problem(ckpt) is None and read_meta(ckpt).get("launch") == launch:
@@ -28,11 +29,11 @@ def newest_of_launch(ckpt_root: str, launch: str, after_step: int) -> str | None
     return None
 
 
-def unfinished_after(ckpt_root: str, step: int) -> list[str]:
-    """Checkpoints newer than `step` that never completed: a dead group's half-uploaded saves. They
-    go before training restarts, or the same step saved again would mix with their files (the
-    manifests check sizes, and a rank's new files replace its old ones one by one)."""
-    return [c for c in list_checkpoints(ckpt_root) if step_of(c) > step and problem(c) is not None]
+def unfinished_after(found: list[str], step: int) -> list[str]:
+    """Checkpoints of `found` newer than `step` that never completed: a dead group's half-uploaded
+    saves. They go before training restarts, or the same step saved again would mix with their files
+    (the manifests check sizes, and a rank's new files replace its old ones one by one)."""
+    return [c for c in found if step_of(c) > step and problem(c) is not None]
 
 
 def continue_from(ckpt_root: str, launch: str, recorded: str | None, resume: str | None, rank: int) -> str | None:
@@ -44,9 +45,9 @@ def continue_from(ckpt_root: str, launch: str, recorded: str | None, resume: str
     if rank == 0:
         # resume may be any folder with a checkpoint (trainer.resume=PATH): its step is in its meta.json
         floor = step_of(recorded) if recorded is not None else read_meta(resume)["step"] if resume is not None else -1
-        newer = newest_of_launch(ckpt_root, launch, floor)
-        choice[0] = newer or recorded
-        for leftover in unfinished_after(ckpt_root, step_of(choice[0]) if choice[0] is not None else floor):
+        found = list_checkpoints(ckpt_root)  # one listing for both questions
+        choice[0] = newest_of_launch(found, launch, floor) or recorded
+        for leftover in unfinished_after(found, step_of(choice[0]) if choice[0] is not None else floor):
             storage.remove(leftover)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0)

@@ -46,7 +46,7 @@ def test_checkpoints_of_another_launch_are_not_this_runs(tmp_path):
     """A run that resumed from step 6 into a folder where an earlier run left step 20."""
     saved(tmp_path, 20, launch="earlier")
     six = saved(tmp_path, 6, launch="earlier")
-    assert newest_of_launch(str(tmp_path), LAUNCH, after_step=6) is None
+    assert newest_of_launch(checkpoint_files.list_checkpoints(tmp_path), LAUNCH, after_step=6) is None
     assert continue_from(str(tmp_path), LAUNCH, recorded=None, resume=six, rank=0) is None  # = the plan's resume
     assert Path(tmp_path / "step_000020").is_dir()  # complete checkpoints are never removed here
     eight = saved(tmp_path, 8)
@@ -59,7 +59,7 @@ def test_the_first_start_keeps_the_plan(tmp_path):
     resume = saved(tmp_path, 4, launch="earlier")
     older_half = saved(tmp_path, 2, launch="earlier", complete=False)
     newer_half = saved(tmp_path, 8, launch="earlier", complete=False)
-    assert unfinished_after(str(tmp_path), 4) == [newer_half]
+    assert unfinished_after(checkpoint_files.list_checkpoints(tmp_path), 4) == [newer_half]
     assert continue_from(str(tmp_path), LAUNCH, recorded=None, resume=resume, rank=0) is None
     assert Path(older_half).is_dir() and not Path(newer_half).exists()
 
