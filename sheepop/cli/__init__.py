@@ -6,6 +6,7 @@ stderr and exit code 2; no traceback.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -40,6 +41,21 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _command(argv)
+    if argv is None:  # the program itself: it ends now
+        _before_exit()
+    return code
+
+
+def _before_exit() -> None:
+    """CPython's exit runs full garbage collections over every object torch, DeepSpeed and Ray
+    made (~330k): 1.0 s of each `sheepop` call's exit here, 0.17 s with them frozen, which those
+    collections skip. Nothing is lost: what they would find (objects in reference cycles) is
+    memory the OS takes back, and atexit handlers (logging, temp dirs) run as before."""
+    gc.freeze()
+
+
+def _command(argv: list[str] | None) -> int:
     if argv is None and sys.argv[1:2] == ["train"]:  # the program itself, not a call from Python code
         from sheepop.cpu_allocator import rerun_with_hugepages
 

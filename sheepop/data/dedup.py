@@ -19,7 +19,6 @@ import zlib
 from functools import lru_cache
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 SEED = 1  # MinHash permutation seed: fixed, so signatures agree across workers and runs
 _WORD = re.compile(r"\w+")
@@ -34,6 +33,9 @@ def content_hash(text: str) -> str:
 
 @lru_cache(maxsize=None)
 def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    from datasketch import MinHash  # here, not at the top: datasketch imports scipy (~0.3 s), and every
+    # rank imports this module (through sheepop.data.shards) without deduplicating anything
+
     a, b = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
     return a.astype(np.uint32), b.astype(np.uint32)
 
@@ -82,12 +84,16 @@ class NearDuplicates:
     """
 
     def __init__(self, threshold: float, num_perm: int):
+        from datasketch import MinHashLSH
+
         self.threshold, self.num_perm = threshold, num_perm
         self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self.sigs: dict[str, np.ndarray] = {}
 
     def check(self, key: str, sig: np.ndarray) -> str:
         """Key of the earlier document this one nearly duplicates ('' if none); indexes it if new."""
+        from datasketch import MinHash
+
         m = MinHash(num_perm=self.num_perm, seed=SEED, hashvalues=sig, scheme=SCHEME)
         best, best_j = "", 0.0
         for other in sorted(self.lsh.query(m)):  # sorted: the answer must not depend on set order
