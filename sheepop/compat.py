@@ -263,6 +263,16 @@ def deepspeed_prints_build_notice() -> bool:
 # older checkpoint). A user's own setting is kept.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
 
+# How long Ray Train (2.60) waits for a worker group's placement group before it gives up on that size
+# and decides again (its default is 60 s). An elastic run (cluster.min_workers) picks the size from
+# the resources Ray reports ready, so the group's placement group is ready at once, unless a node
+# lost a moment ago was still counted: then the wait is pure loss. Measured 2026-12-07 (2 nodes on
+# 127.0.0.1, one stopped after a drain): the restart asked for 2 workers, waited the full 60 s, then
+# went on with 1. A fixed-size run keeps Ray's wait (an autoscaler may be adding its nodes). A user's
+# own setting is kept.
+RAY_TRAIN_ELASTIC_ENV = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S":
+                         os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")}
+
 
 def ray_job_env_vars() -> dict[str, str]:
     """Inside a Ray Job, the env vars of the job's runtime_env. Ray refuses to merge a driver

@@ -87,7 +87,7 @@ def start_ray(cfg: Config, console: Console) -> bool:
     import ray
 
     c = cfg.cluster
-    env = worker_env()
+    env = worker_env(elastic=elastic(cfg))
     # log_to_driver=False: the Train controller's and workers' chatter stays in Ray's logs and in
     # run.dir/logs/ (sheepop.logs); the user sees sheepop's lines and, on failure, the error.
     if c.kind == "local":

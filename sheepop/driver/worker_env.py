@@ -20,9 +20,12 @@ FORWARD_ENV = ("WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
-def worker_env() -> dict[str, str]:
-    """WORKER_ENV plus the forwarded variables, less those a Ray Job's runtime_env already sets."""
+def worker_env(elastic: bool = False) -> dict[str, str]:
+    """WORKER_ENV plus the forwarded variables, less those a Ray Job's runtime_env already sets.
+    elastic: a run whose worker group may shrink (cluster.min_workers), which waits less for one."""
     env = dict(WORKER_ENV)
+    if elastic:
+        env.update(compat.RAY_TRAIN_ELASTIC_ENV)
     env.update({k: os.environ[k] for k in FORWARD_ENV if k in os.environ})
     job = compat.ray_job_env_vars()
     return {k: v for k, v in env.items() if k not in job}

@@ -64,6 +64,19 @@ def test_ray_job_env_vars_reads_the_jobs_runtime_env(monkeypatch):
     assert compat.ray_job_env_vars() == {}
 
 
+def test_an_elastic_run_waits_less_for_a_worker_group_and_ray_train_reads_that_variable():
+    """compat.RAY_TRAIN_ELASTIC_ENV reaches the controller (the job's env) of elastic runs only, under
+    the name this Ray Train reads (a rename would silently bring back its 60 s wait after a node loss)."""
+    from ray.train.v2._internal import constants
+
+    from sheepop.driver.worker_env import worker_env
+
+    (name,) = compat.RAY_TRAIN_ELASTIC_ENV
+    assert name == constants.WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+    assert float(worker_env(elastic=True)[name]) < constants.DEFAULT_WORKER_GROUP_START_TIMEOUT_S
+    assert name not in worker_env(elastic=False)
+
+
 def test_ray_loopback_only_switches_off_ray_cluster_mode(monkeypatch):
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     env = compat.ray_loopback_only()
