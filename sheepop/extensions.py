@@ -83,12 +83,35 @@ def environment() -> dict[str, str]:
 
 def activate() -> Path:
     """Set TORCH_EXTENSIONS_DIR in this process unless the user set it (torch reads it at each op
-    load, so any time before deepspeed.init_distributed will do); returns the folder. Processes
-    started afterwards inherit it (Ray's local cluster, subprocesses)."""
+    load, so any time before deepspeed.init_distributed will do), and put this environment's ninja
+    first on PATH (own_ninja_first); returns the folder. Processes started afterwards inherit both
+    (Ray's local cluster, subprocesses)."""
     folder = extensions_dir()
     if not os.environ.get(ENV_VAR):  # torch would build an empty value's ops in the current folder
         os.environ[ENV_VAR] = str(folder)
+    own_ninja_first()
     return folder
+
+
+def own_ninja_first() -> None:
+    """torch checks and builds an op with the first `ninja` on PATH at every load. Two ninja versions
+    on one build folder rebuild it at each switch: ninja 1.13 hashes commands another way in its
+    .ninja_log than 1.11, so each finds every command "changed". Measured here 2026-12-07: the venv's
+    ninja 1.13.2 (the `ninja` package DeepSpeed depends on) for processes with the venv on PATH
+    (the test suite's Ray nodes, an activated shell), /usr/bin/ninja 1.11.1 for the others
+    (`.venv/bin/sheepop`, `make test`): the CPU communication op was rebuilt 16 times in one day,
+    19-30 s each, while every rank waited on its lock. That package's ninja goes first, in every
+    process that loads an op."""
+    try:
+        import ninja
+    except ImportError:  # no ninja package: torch's own search stands
+        return
+    bin_dir = str(getattr(ninja, "BIN_DIR", ""))
+    if not bin_dir or not os.path.isfile(os.path.join(bin_dir, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = os.pathsep.join([bin_dir, *(d for d in path.split(os.pathsep) if d and d != bin_dir)])
 
 
 # --- which ops ----------------------------------------------------------------------------------

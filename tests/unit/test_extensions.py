@@ -265,3 +265,24 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_every_process_that_loads_an_op_finds_this_environments_ninja_first(tmp_path, monkeypatch):
+    """Another ninja earlier on PATH (a system one: 1.11 here, beside the venv's 1.13) would rebuild
+    the ops each time a process with the other PATH loads them; activate() puts the `ninja`
+    package's binary first, keeps the rest of PATH in order, and does so once."""
+    import ninja
+
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text("#!/bin/sh\necho 1.0.0\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(other), "/usr/bin", "/bin"]))
+    monkeypatch.setenv(ext.ENV_VAR, str(tmp_path / "ext"))
+    assert shutil.which("ninja") == str(other / "ninja")
+    ext.activate()
+    own = os.path.join(ninja.BIN_DIR, "ninja")
+    assert shutil.which("ninja") == own
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(other), "/usr/bin", "/bin"]
+    ext.activate()
+    assert os.environ["PATH"].split(os.pathsep) == [ninja.BIN_DIR, str(other), "/usr/bin", "/bin"]
