@@ -110,8 +110,9 @@ def test_run_killed_before_its_first_checkpoint_continues_its_wandb_run(tmp_path
     """SIGKILL before any checkpoint (nothing to resume from): running the command again starts
     from step 0 and logs to the same W&B run."""
     run = tmp_path / "run"
-    args = overrides(run, "trainer.max_steps=12", "trainer.save_every=0", "trainer.eval_every=0",
+    args = overrides(run, "trainer.max_steps=30", "trainer.save_every=0", "trainer.eval_every=0",
                      "trainer.progress=false")
+    # 30 steps: the kill at step 4 must come long before the run's only checkpoint (its last step), however fast
     p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", *args], cwd=ROOT, env={**os.environ, **env},
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600  # a hang guard: step 4 comes within a minute normally
@@ -126,10 +127,10 @@ def test_run_killed_before_its_first_checkpoint_continues_its_wandb_run(tmp_path
     assert r.returncode == 0, r.stderr[-3000:]
     runs = offline_runs(run)
     assert len(runs) == 2 and len({run_id for run_id, _ in runs}) == 1, [i for i, _ in runs]
-    assert json.loads((run / "checkpoints/step_000012/meta.json").read_text())["wandb_id"] == runs[0][0]
+    assert json.loads((run / "checkpoints/step_000030/meta.json").read_text())["wandb_id"] == runs[0][0]
     # The killed process's file may hold steps 0-4 or nothing (unflushed); the second logs every
     # step it computed, so W&B has them all either way (on sync it ignores steps it already has).
-    assert [step for step, _ in history(runs[1][1])] == list(range(0, 13))  # 0: the first validation
+    assert [step for step, _ in history(runs[1][1])] == list(range(0, 31))  # 0: the first validation
 
 
 def test_wandb_gets_config_tags_and_samples_but_no_secret(resumed):
