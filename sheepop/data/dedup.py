@@ -20,6 +20,9 @@ from functools import lru_cache
 
 import numpy as np
 
+# datasketch is imported where it is used: it imports scipy (~0.3 s), and every rank imports this
+# module (through sheepop.data.shards) without deduplicating anything.
+
 SEED = 1  # MinHash permutation seed: fixed, so signatures agree across workers and runs
 _WORD = re.compile(r"\w+")
 _MAX_HASH = np.uint64((1 << 32) - 1)
@@ -33,8 +36,7 @@ def content_hash(text: str) -> str:
 
 @lru_cache(maxsize=None)
 def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
-    from datasketch import MinHash  # here, not at the top: datasketch imports scipy (~0.3 s), and every
-    # rank imports this module (through sheepop.data.shards) without deduplicating anything
+    from datasketch import MinHash
 
     a, b = MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
     return a.astype(np.uint32), b.astype(np.uint32)
