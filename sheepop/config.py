@@ -9,6 +9,7 @@ workers read it by attribute, and never see Hydra. `to_dict()` gives the YAML-ab
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class TrainerConfig:
     eval_tasks_every: int = 0  # steps between task evaluations (needs eval_tasks; 0 = off)
     eval_tasks_limit: int = 0  # examples per task (0 = all)
     save_every: int = 100  # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 3  # newest checkpoints kept
+    keep_checkpoints: int = 3  # newest checkpoints kept; 0 = keep all
     log_every: int = 1  # steps between metrics lines
     resume: str = "auto"  # auto (latest in run.dir) | never | path to a checkpoint
     init_from: str = ""  # weights of a fresh start: "" = random init | hf:DIR (a Hugging Face Llama folder: its config.json sets the model, its tokenizer.json the tokenizer); a resume ignores it
@@ -284,6 +285,9 @@ def compose(overrides: list[str]) -> "Config":
         raise
     except Exception as e:  # Hydra/OmegaConf raise many types; all mean "bad override"
         raise UserError(_explain(e, overrides)) from None
+    added = [k for k in _added_keys(cfg, Config) if not k.startswith("hydra")]
+    if added:
+        raise UserError(_unknown_key(added[0]) or f"unknown key '{added[0]}'")
     validate(cfg)
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
 
@@ -306,25 +310,47 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     if "Value '" in cause and m:  # right key, wrong type
         return f"{m.group(1)}: {cause.splitlines()[0]}"
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' not in", msg)
-    if m:
-        key = m.group(1)
-        path = key.split(".")
-        schema = dict(zip(("run",) + GROUPS + ("debug",), (RunConfig, ModelConfig, DataConfig, TokenizerConfig,
-                                                           TrainerConfig, ParallelismConfig, ClusterConfig,
-                                                           LoggerConfig, DebugConfig)))
-        if path[0] in schema and len(path) >= 2:
-            node = schema[path[0]]
-            for part in path[1:-1]:  # nested sections, e.g. data.clean.min_chars
-                f = node.__dataclass_fields__.get(part)
-                if f is None or not hasattr(f.default_factory, "__dataclass_fields__"):
-                    break
-                node = f.default_factory
-            valid = sorted(node.__dataclass_fields__)
-            return f"unknown key '{key}'; valid keys in {'.'.join(path[:-1])}: {', '.join(valid)}"
-        if path[0] not in schema:
-            return f"unknown key '{key}'; valid top-level keys: {', '.join(schema)}"
+    if m and _unknown_key(m.group(1)):
+        return _unknown_key(m.group(1))
     first = (cause or msg).splitlines()[0] if (cause or msg) else type(e).__name__
-    return f"bad override ({' '.join(overrides) or 'none'}): {first}"
+    bad = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") in msg + cause), None)
+    return f"bad override ({bad or ' '.join(overrides) or 'none'}): {first}"
+
+
+def _unknown_key(key: str) -> str | None:
+    """The line for a key the schema does not have, with the valid keys where it was looked for."""
+    path = key.split(".")
+    schema = dict(zip(("run",) + GROUPS + ("debug",), (RunConfig, ModelConfig, DataConfig, TokenizerConfig,
+                                                       TrainerConfig, ParallelismConfig, ClusterConfig,
+                                                       LoggerConfig, DebugConfig)))
+    if path[0] in schema and len(path) >= 2:
+        node = schema[path[0]]
+        for part in path[1:-1]:  # nested sections, e.g. data.clean.min_chars
+            f = node.__dataclass_fields__.get(part)
+            if f is None or not hasattr(f.default_factory, "__dataclass_fields__"):
+                break
+            node = f.default_factory
+        valid = sorted(node.__dataclass_fields__)
+        return f"unknown key '{key}'; valid keys in {'.'.join(path[:-1])}: {', '.join(valid)}"
+    if path[0] not in schema:
+        return f"unknown key '{key}'; valid top-level keys: {', '.join(schema)}"
+    return None
+
+
+def _added_keys(node, cls, prefix: str = "") -> list[str]:
+    """Keys in a composed config that its dataclass does not have: what `+key=value` adds (Hydra
+    lets it through a structured config, and OmegaConf.to_object would silently drop it)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    found = []
+    for key in node.keys():
+        if key not in hints:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            found += _added_keys(node[key], hints[key], f"{prefix}{key}.")
+    return found
 
 
 def validate(cfg: DictConfig) -> None:
@@ -356,8 +382,8 @@ def validate(cfg: DictConfig) -> None:
          "trainer.grad_accum_steps and trainer.global_batch_size must be >= 0 (0 = derive one from the other)")
     need(0 <= t.seq_len <= m.max_seq_len, f"trainer.seq_len={t.seq_len} must be in [0, model.max_seq_len={m.max_seq_len}]")
     need(t.precision in PRECISIONS, f"trainer.precision={t.precision}; valid: {', '.join(PRECISIONS)}")
-    need(t.lr > 0 and 0 <= t.min_lr <= t.lr,
-         f"trainer.lr={t.lr}, trainer.min_lr={t.min_lr}: need 0 <= min_lr <= lr and lr > 0")
+    need(math.isfinite(t.lr) and t.lr > 0 and 0 <= t.min_lr <= t.lr,
+         f"trainer.lr={t.lr}, trainer.min_lr={t.min_lr}: need 0 <= min_lr <= lr and a finite lr > 0")
     for key in ("warmup_steps", "eval_every", "save_every", "keep_checkpoints", "weight_decay", "grad_clip"):
         need(t[key] >= 0, f"trainer.{key}={t[key]} must be >= 0")
     for key in ("eval_batches", "log_every"):
@@ -400,6 +426,9 @@ def validate(cfg: DictConfig) -> None:
     need(c.min_workers in (0, c.num_workers) or c.kind != "process",
          f"cluster.min_workers={c.min_workers} needs Ray (cluster=local or cluster=ray); cluster=process is one rank")
     need(p.zero_stage in (0, 1, 2, 3), f"parallelism.zero_stage={p.zero_stage}; valid: 0, 1, 2, 3")
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):  # DeepSpeed refuses 0 only once a rank builds its engine
+        need(p[key] >= 1, f"parallelism.{key}={p[key]} must be >= 1 (elements per bucket)")
+    need(t.sample_tokens >= 0, f"trainer.sample_tokens={t.sample_tokens} must be >= 0 (0 = no sample)")
     # Raw DeepSpeed keys may not fight what sheepop derives: the loader feeds the batch plan, the
     # loop follows trainer.precision, and the stage decides how checkpoints are converted.
     raw = OmegaConf.to_container(p.deepspeed) or {}

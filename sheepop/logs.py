@@ -9,6 +9,7 @@ own session logs are copied to `logs/ray/` when the run ends.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import sys
@@ -41,6 +42,20 @@ def output_to(path: Path):
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def library_logger_to(logger: logging.Logger, path: Path) -> None:
+    """A library's Python logger writes to `path` instead of the terminal. With cluster=process the
+    rank shares the terminal with sheepop's own lines, so its fd-level redirect (`output_to`, what
+    a Ray worker gets) cannot be used there: DeepSpeed's warnings would cross the live view."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for h in list(logger.handlers):
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            logger.removeHandler(h)
+    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.absolute() for h in logger.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"))
+        logger.addHandler(handler)
 
 
 def copy_ray_session_logs(run_dir: str | Path) -> Path | None:

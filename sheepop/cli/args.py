@@ -12,6 +12,7 @@ Each spelling error is one UserError line naming the valid keys.
 """
 from __future__ import annotations
 
+import math
 import sys
 
 from sheepop.errors import UserError
@@ -31,9 +32,14 @@ def hydra_help(argv: list[str], command: str) -> int:
     def _app(_cfg):  # pragma: no cover - Hydra exits after printing help
         pass
 
+    from sheepop.config import compose
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    compose(overrides)  # a bad override is its one line here, not Hydra's traceback
     saved = sys.argv
-    sys.argv = [f"sheepop {command}", *argv, "hydra.help.app_name=sheepop " + command,
-                "hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
+    # Flags first: Hydra's argparse takes no override after a flag (`model=tiny --help`).
+    sys.argv = [f"sheepop {command}", *[a for a in argv if a.startswith("-")], *overrides,
+                "hydra.help.app_name=sheepop " + command, "hydra/hydra_logging=disabled", "hydra/job_logging=disabled"]
     try:
         _app()
     finally:
@@ -55,12 +61,26 @@ def parse_kv(argv: list[str], spec: dict[str, type], command: str) -> dict:
         k = k.lstrip("-")
         if k not in spec:
             raise UserError(f"unknown option '{k}'; valid for {command}: {', '.join(spec)}")
-        typ = spec[k]
-        try:
-            out[k] = (v.lower() in ("1", "true", "yes")) if typ is bool else typ(v)
-        except ValueError:
-            raise UserError(f"{k}={v}: expected {typ.__name__}") from None
+        out[k] = _value(k, v, spec[k])
     return out
+
+
+TRUE, FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _value(key: str, text: str, typ: type):
+    """`text` as a `typ`: a bool is one of TRUE/FALSE (a typo is not false), a float is finite."""
+    if typ is bool:
+        if text.lower() in TRUE + FALSE:
+            return text.lower() in TRUE
+        raise UserError(f"{key}={text}: expected true or false")
+    try:
+        value = typ(text)
+    except ValueError:
+        raise UserError(f"{key}={text}: expected {'a number' if typ is float else typ.__name__}") from None
+    if typ is float and not math.isfinite(value):
+        raise UserError(f"{key}={text}: expected a finite number")
+    return value
 
 
 def bench_options(argv: list[str], spec: dict[str, type], script: str) -> dict:

@@ -26,12 +26,12 @@ from sheepop.cli.args import parse_kv, require, wants_help
 from sheepop.errors import UserError
 
 OPTS = {"run.dir": str, "split": str, "max_tokens": int, "batch_size": int, "seq_len": int, "tasks": str,
-        "limit": int, "num_fewshot": int, "out": str}
+        "limit": int, "num_fewshot": int, "out": str, "force": bool}
 USAGE = ("usage: sheepop eval run.dir=DIR [split=val|train] [max_tokens=200000] [batch_size=8] [seq_len=N]\n"
          "       sheepop eval run.dir=DIR data=files \"data.paths=[notes/,src/**/*.py]\"   (any data.* override)\n"
-         "       sheepop eval run.dir=DIR tasks=python_mc[,TASK...] [limit=N] [num_fewshot=K] [batch_size=8] [out=FILE]"
+         "       sheepop eval run.dir=DIR tasks=python_mc[,TASK...] [limit=N] [num_fewshot=K] [batch_size=8] [out=FILE [--force]]"
          "   (lm-evaluation-harness)")
-TASK_ONLY = ("tasks", "limit", "num_fewshot", "out")
+TASK_ONLY = ("tasks", "limit", "num_fewshot", "out", "force")
 LOSS_ONLY = ("split", "max_tokens", "seq_len")
 DEFAULT_MAX_TOKENS = 200_000
 
@@ -261,8 +261,12 @@ def main(argv: list[str]) -> int:
     require(o, ("run.dir",), "eval needs a training run's folder or a checkpoint")
     if data_overrides and "split" in o:
         raise UserError("split= scores the run's own data; with data=... every token of the files is scored")
-    if o.get("max_tokens", 1) < 1 or o.get("batch_size", 1) < 1:
-        raise UserError("max_tokens and batch_size must be >= 1")
+    for key in ("max_tokens", "batch_size", "seq_len", "limit"):
+        if key in o and o[key] < 1:
+            raise UserError(f"{key}={o[key]}: must be >= 1" + (" (or leave it out: the model's context)"
+                                                               if key == "seq_len" else ""))
+    if o.get("num_fewshot", 0) < 0:
+        raise UserError(f"num_fewshot={o['num_fewshot']}: must be >= 0")
     if "tasks" in o:
         clash = [k for k in LOSS_ONLY if k in o] + (["data=..."] if data_overrides else [])
         if clash:
@@ -271,10 +275,14 @@ def main(argv: list[str]) -> int:
         tasks = [t.strip() for t in o["tasks"].split(",") if t.strip()]
         if not tasks:
             raise UserError("tasks= is empty; name at least one task (e.g. tasks=python_mc)")
-        if o.get("limit", 1) < 1 or o.get("num_fewshot", 0) < 0:
-            raise UserError("limit must be >= 1 and num_fewshot >= 0")
+        out = o.get("out")
+        if out is not None:  # checked now: the evaluation takes minutes
+            from sheepop import output_paths, storage
+
+            if not storage.is_uri(out):
+                out = str(output_paths.check(out, "out", kind="file", force=bool(o.get("force"))))
         r = lm_eval_tasks(o["run.dir"], tasks, limit=o.get("limit"), num_fewshot=o.get("num_fewshot"),
-                          batch_size=o.get("batch_size", 8), out=o.get("out"))
+                          batch_size=o.get("batch_size", 8), out=out)
         print(format_table(r["rows"]))
         print(f"step {r['step']}, {r['seconds']:.1f}s; results: {r['out']}")
         return 0

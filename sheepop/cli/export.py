@@ -5,10 +5,12 @@
   format=pt   consolidated fp32 weights in one `model.pt` (+ tokenizer.json beside it) that
               `sheepop generate run.dir=model.pt` and plain torch load, no DeepSpeed needed
 
-An existing `out` is refused unless --force (and replaced only once the new one is complete).
+An existing `out` is refused unless --force (and replaced only once the new one is complete); the run
+being exported, or a place inside its checkpoints, is refused even with --force.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from sheepop.cli.args import parse_kv, require, wants_help
@@ -21,17 +23,41 @@ USAGE = ("usage: sheepop export run.dir=DIR format=hf|pt [out=PATH] [dtype=fp32|
          "  format=pt: consolidated fp32 weights (model.pt + tokenizer.json); out defaults to RUN_DIR/model.pt")
 
 
+def _checked_out(out, run_dir: str, kind: str, force: bool) -> Path:
+    """out= fit to be written: never the run being exported (or a folder holding it), never inside
+    a checkpoints/ folder (it would change what that folder holds), --force to replace."""
+    from sheepop import output_paths, storage
+
+    if storage.is_uri(run_dir):
+        return output_paths.check(out, "out", kind=kind, force=force)
+    run = Path(run_dir).expanduser()
+    checkpoints = [p for p in (run, *run.resolve().parents) if p.name == "checkpoints"] + [run / "checkpoints"]
+    return output_paths.check(out, "out", kind=kind, force=force, keep=((run, "the run being exported"),),
+                              not_inside=tuple((c, "a run's checkpoints") for c in checkpoints))
+
+
+def _same_tokenizer(path: Path, tok) -> bool:
+    import json
+
+    try:
+        return json.loads(path.read_text()) == json.loads(tok.to_str())
+    except (OSError, ValueError):
+        return False
+
+
 def export_hf(run_dir: str, out: Path, *, dtype: str = "fp32", force: bool = False) -> dict:
     """Export a run's latest checkpoint (or a step_N folder); returns its meta (step, path, config)."""
     from sheepop.model.hf import write_hf
     from sheepop.train.checkpoint import load_model
 
-    if out.exists() and not force:
-        raise UserError(f"out={out} already exists; pass --force to replace it")
+    out = _checked_out(out, run_dir, "folder", force)
     from sheepop.data.tokenizer import eot_token
 
     model, tok, meta = load_model(run_dir)
-    write_hf(model, tok, out, dtype=dtype, eot=eot_token(meta["config"]))
+    try:
+        write_hf(model, tok, out, dtype=dtype, eot=eot_token(meta["config"]))
+    except OSError as e:
+        raise UserError(f"out={out}: cannot write there ({e.strerror or e}); valid: a writable folder") from None
     return meta
 
 
@@ -41,18 +67,22 @@ def export_pt(run_dir: str, out: Path | None, *, force: bool = False) -> tuple[P
 
     from sheepop.train.checkpoint import load_model
 
-    out = Path(out or Path(run_dir) / "model.pt").expanduser()
-    if out.exists() and not force:
-        raise UserError(f"out={out} already exists; pass --force to replace it")
+    out = _checked_out(out or Path(run_dir) / "model.pt", run_dir, "file", force)
+    beside = out.with_name("tokenizer.json")
     model, tok, meta = load_model(run_dir)
+    if beside.exists() and not force and not _same_tokenizer(beside, tok):  # someone else's tokenizer.json
+        raise UserError(f"out={out}: {beside} already exists (another tokenizer); pass --force to replace it, "
+                        f"or give out= in another folder")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a dotfile: never mistaken for the export
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         torch.save({"model": model.state_dict(), "config": meta["config"], "step": meta["step"]}, tmp)
-        tok.save(str(out.with_name("tokenizer.json")))  # generate run.dir=<out> finds it beside the weights
+        tok.save(str(beside))  # generate run.dir=<out> finds it beside the weights
         tmp.replace(out)
     except OSError as e:
         raise UserError(f"out={out}: cannot write there ({e.strerror or e}); valid: a writable path") from None
+    finally:
+        tmp.unlink(missing_ok=True)
     return out, meta, sum(p.numel() for p in model.parameters())
 
 
@@ -77,9 +107,7 @@ def main(argv: list[str]) -> int:
         print(f"wrote {out} (fp32, step {meta['step']}, {n:,} parameters)")
         return 0
     out = Path(o["out"]).expanduser()
-    if out.exists() and not o.get("force"):  # before loading anything
-        raise UserError(f"out={out} already exists; pass --force to replace it")
-    meta = export_hf(o["run.dir"], out, dtype=dtype, force=bool(o.get("force")))
+    meta = export_hf(o["run.dir"], o["out"], dtype=dtype, force=bool(o.get("force")))
     print(f"wrote {out} (Hugging Face Llama, {dtype}, step {meta['step']} of {meta['path']})\n"
           f"  load: AutoModelForCausalLM.from_pretrained({str(out)!r}); AutoTokenizer.from_pretrained({str(out)!r})")
     return 0

@@ -10,7 +10,8 @@ USAGE = ("usage: sheepop generate run.dir=DIR [prompt='def '] [max_new_tokens=10
          "[top_k=40] [top_p=1.0] [greedy=true] [seed=0] [num_samples=1] [no_cache=true] [heal=false]\n"
          "  heal: token healing (default on): a prompt that ends mid-token, e.g. in a space, backs up one token\n"
          "  and the first new token must start with the text it dropped")
-RANGES = (("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"), ("top_k", lambda v: v >= 0, ">= 0"),
+# temperature's ceiling: logits are float32, and past ~100 sampling is uniform anyway
+RANGES = (("temperature", lambda v: 0 <= v <= 100, "in [0, 100] (0 = greedy)"), ("top_k", lambda v: v >= 0, ">= 0"),
           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("num_samples", lambda v: v >= 1, ">= 1"),
           ("max_new_tokens", lambda v: v >= 1, ">= 1"))
 

@@ -29,9 +29,15 @@ def main(argv: list[str]) -> int:
         raise UserError(f"expected one DIR, got {len(folders)}; {USAGE.splitlines()[0]}")
     o = parse_kv([a for a in argv if a not in folders], OPTS, "import")
     require(o, ("out",), USAGE.splitlines()[0])
-    out = Path(o["out"]).expanduser()
-    if out.exists() and any(out.iterdir()) and not o.get("force"):  # before reading anything
+    from sheepop import output_paths
+
+    out = Path(o["out"]).expanduser()  # checked before anything is read
+    if (out / "checkpoints").is_dir():  # generate/eval/export there would read the checkpoints, not model.pt
+        raise UserError(f"out={o['out']} is a training run (it has checkpoints/), whose checkpoints sheepop "
+                        f"generate|eval|export would read instead of the import; give a new folder")
+    if out.is_dir() and any(out.iterdir()) and not o.get("force"):
         raise UserError(f"out={out} already exists and is not empty; pass --force to replace its model.pt")
+    out = output_paths.check(o["out"], "out", kind="folder", force=True)  # a file, or a parent that is one
     import torch
 
     from sheepop.config import compose, redact

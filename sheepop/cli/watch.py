@@ -37,7 +37,12 @@ def main(argv: list[str]) -> int:
     from sheepop import storage
     from sheepop.monitor.metrics_file import StorageFollower, local_run
 
+    if argv[0].startswith("run.dir="):  # as the other commands take it
+        argv = [argv[0].split("=", 1)[1], *argv[1:]]
     opts = parse_kv(argv[1:], OPTIONS, "watch")
+    for key, least in (("poll", 0.0), ("timeout", 0.0), ("every", None)):  # every=0: a line at each poll
+        if key in opts and (opts[key] < 0 if least is None else opts[key] <= least):
+            raise UserError(f"{key}={opts[key]}: must be {'>= 0' if least is None else '> 0'} seconds")
     remote = storage.is_uri(argv[0])
     if remote and not storage.is_file(storage.join(argv[0], "config.yaml")):
         raise UserError(f"RUN_DIR={argv[0]}: no config.yaml there; pass <cluster.storage_path>/<run.name> of a run")

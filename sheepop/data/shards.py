@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,12 +39,13 @@ def fingerprint(cfg) -> str:
     tok = dict(cfg["tokenizer"])
     if tok.get("eot") == toklib.EOT:  # the default: data prepared before the field existed stays valid
         del tok["eot"]
+    path = tok.pop("path") if tok.get("path") else None  # a given tokenizer counts by its content, not its path
     h = hashlib.sha256(json.dumps([MANIFEST_VERSION, data, tok], sort_keys=True).encode())
-    if tok.get("path"):
-        if not Path(tok["path"]).is_file():
-            raise UserError(f"tokenizer.path={tok['path']}: no such file; give a tokenizer.json or leave it empty")
-        toklib.check_file(tok["path"], "tokenizer.path")
-        h.update(toklib.file_hash(tok["path"]).encode())
+    if path:
+        if not Path(path).is_file():
+            raise UserError(f"tokenizer.path={path}: no such file; give a tokenizer.json or leave it empty")
+        toklib.check_file(path, "tokenizer.path")
+        h.update(toklib.file_hash(path).encode())
     for p in ingest.list_files(cfg["data"]):
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -82,7 +84,8 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
     cfg = _plain(cfg)
     if storage.is_uri(cfg["data"]["out_dir"]):
         return _prepare_in_storage(cfg, log, progress)
-    out = Path(cfg["data"]["out_dir"])
+    out = Path(cfg["data"]["out_dir"]).expanduser()
+    check_out_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
     with FileLock(str(out) + ".lock"):
@@ -94,7 +97,7 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
         work = out.with_name(out.name + ".tmp")
         state = work / "state.json"
         if not (state.is_file() and json.loads(state.read_text()).get("fingerprint") == fp):
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(work) if work.is_dir() else work.unlink(missing_ok=True)
             work.mkdir(parents=True)
             state.write_text(json.dumps({"fingerprint": fp}))
         else:
@@ -103,9 +106,40 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
         for leftover in ("units", "curated.pkl", "state.json"):  # work files: not part of the output
             p = work / leftover
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        shutil.rmtree(out, ignore_errors=True)
+        # The old folder moves aside in one rename, so no moment leaves a half-deleted one behind
+        # (which the check above would then take for someone else's files).
+        old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+        if out.exists():
+            out.rename(old)
         work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+def check_out_dir(cfg) -> None:
+    """Refuse, before any work, a local data.out_dir that preparing would wrongly replace: a file,
+    a folder of other files (no manifest.json: preparing replaces the whole folder), or one that
+    is or holds the inputs."""
+    from sheepop import output_paths
+
+    cfg = _plain(cfg)
+    raw = cfg["data"]["out_dir"]
+    if storage.is_uri(raw):
+        return
+    inputs = ((ingest.stdlib_root(),) if cfg["data"]["source"] == "stdlib"
+              else tuple(_literal_root(str(p)) for p in cfg["data"].get("paths") or ()))
+    out = output_paths.check(raw, "data.out_dir", kind="folder", force=True,
+                             keep=tuple((p, "the input data.paths") for p in inputs))
+    if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
+        raise UserError(f"data.out_dir={raw} holds files that are not prepared data (no manifest.json), and "
+                        f"preparing replaces the whole folder; give a new or empty folder")
+
+
+def _literal_root(spec: str) -> Path:
+    """The folder a data.paths entry lies in up to its first wildcard (the entry itself if none)."""
+    spec = os.path.expanduser(spec)
+    wild = min((i for i in (spec.find(c) for c in "*?[") if i >= 0), default=-1)
+    return Path(spec if wild < 0 else spec[:spec.rfind("/", 0, wild) + 1] or ".")
 
 
 def _prepare_in_storage(cfg: dict, log, progress) -> dict:

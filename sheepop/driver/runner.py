@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from sheepop.config import Config, batch_plan, mixture_names, redact, world_sizes
 from sheepop.errors import UserError
@@ -53,6 +54,11 @@ def preflight(cfg: Config) -> str | None:
                             f"cluster=local has {have} (cluster.num_cpus={c.num_cpus or 'all'}); valid: "
                             f"cluster.num_workers <= {max(1, have // per)}, or cluster=ray on a bigger cluster")
     storage.check_writable(cfg.run.dir, "run.dir")
+    check_run_dir(cfg)
+    if not cfg.data.mixture:  # a local data.out_dir that preparing would wrongly replace
+        from sheepop.data.shards import check_out_dir
+
+        check_out_dir(cfg)
     if c.storage_path:
         storage.check_writable(c.storage_path, "cluster.storage_path")
     if storage.is_uri(cfg.data.out_dir) and not cfg.data.mixture:  # a mixture prepares nothing: only reads its sources
@@ -63,7 +69,9 @@ def preflight(cfg: Config) -> str | None:
         if storage.is_uri(ckpt_root) and c.checkpoint_staging != "auto":
             storage.check_writable(str(where), "cluster.checkpoint_staging")
         checkpoint.check_space(where, checkpoint.estimated_bytes(cfg), "the first checkpoint")
-    resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(f"[yellow]{m}[/]"))
+    resume = checkpoint.resolve_resume(cfg, log=lambda m: console.print(m, style="yellow", markup=False))
+    if resume is not None:
+        checkpoint.check_stage_change(resume, cfg.parallelism.zero_stage)
     if resume is None and cfg.trainer.init_from:  # a resume has trained weights: init_from is for step 0 only
         checkpoint.check_hf(cfg)
     if cfg.trainer.eval_tasks:
@@ -113,7 +121,7 @@ def prebuild_ops(cfg: Config) -> None:
         from sheepop.train.engine import deepspeed_config
 
         ds = deepspeed_config(cfg, batch_plan(cfg, cfg.cluster.num_workers))
-        extensions.prebuild(extensions.needed_ops(ds), log=lambda m: console.print(f"[yellow]{m}[/]"))
+        extensions.prebuild(extensions.needed_ops(ds), log=lambda m: console.print(m, style="yellow", markup=False))
 
 
 def check_same_model(cfg: Config, ckpt: str) -> None:
@@ -168,9 +176,6 @@ def run(cfg: Config) -> dict:
 
     from sheepop import startup, storage
     from sheepop.data.mixture import load_sources
-    from sheepop.data.shards import local_dir, prepare
-    from sheepop.monitor.live import LiveView
-    from sheepop.monitor.plot import plot_loss
 
     sources = load_sources(cfg) if cfg.data.mixture else []  # a mixture's sources are prepared already: checked here
     resume = preflight(cfg)
@@ -186,21 +191,36 @@ def run(cfg: Config) -> dict:
         cluster=dataclasses.replace(cfg.cluster, storage_path=storage.normalize(cfg.cluster.storage_path)
                                     if cfg.cluster.storage_path else ""))
     run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDirLock(run_dir):
+        return _run(cfg, run_dir, resume, sources)
+
+
+def _run(cfg: Config, run_dir: Path, resume: str | None, sources: list) -> dict:
+    import dataclasses
+
+    from sheepop import startup
+    from sheepop.data.shards import local_dir, prepare
+    from sheepop.monitor.live import LiveView
+    from sheepop.monitor.plot import plot_loss
+
     (run_dir / "STOP").unlink(missing_ok=True)
+    console.print(f"[bold]sheepop[/] run → {escape(str(run_dir))}" + (f"  (resuming {escape(resume)})" if resume else ""))
+    manifest = sources[0].manifest if sources else prepare(cfg, log=lambda m: console.print(m, markup=False))
+    startup.mark("data")
+    plan = make_plan(cfg, resume, manifest, sources)
+    for name, m in ([(s.name, s.manifest) for s in sources] or [("", manifest)]):
+        check_windows(m, plan.batch.seq_len, name)
+    # Written only now that every check has passed: a start that fails leaves the run's files as they were.
     (run_dir / "config.yaml").write_text(yaml.safe_dump(redact(cfg), sort_keys=False))
-    console.print(f"[bold]sheepop[/] run → {run_dir}" + (f"  (resuming {resume})" if resume else ""))
-    manifest = sources[0].manifest if sources else prepare(cfg, log=console.print)
     shutil.copy(local_dir(sources[0].out_dir if sources else cfg.data.out_dir) / "tokenizer.json",
                 run_dir / "tokenizer.json")
     mirror_run_files(cfg, run_dir, ("config.yaml", "tokenizer.json"))
-    startup.mark("data")
-    plan = make_plan(cfg, resume, manifest, sources)
     startup.mark("plan")
     plan = dataclasses.replace(plan, startup={"launch": startup.process_start(), **startup.marks()})
     if sources:
         console.print("data mixture: " + ", ".join(f"{s.name} {s.weight:.1%} of windows "
                                                    f"({s.manifest['splits']['train']['tokens']:,} training tokens)"
-                                                   for s in sources))
+                                                   for s in sources), markup=False)
     console.print(f"{sum(m['splits']['train']['tokens'] for m in ([s.manifest for s in sources] or [manifest])):,} "
                   f"training tokens; {plan.batch.describe()}, "
                   f"ZeRO stage {cfg.parallelism.zero_stage}" + (" (universal resume)" if plan.universal else ""))
@@ -231,10 +251,89 @@ def run(cfg: Config) -> dict:
     plot_loss(run_dir)
     sample = write_sample(cfg, run_dir)
     mirror_run_files(cfg, run_dir, ("loss.png", "sample.txt"))
-    console.print(f"[bold]sample[/] ({cfg.trainer.sample_prompt!r} →):\n{sample}")
-    console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, loss.png, logs/}}; "
-                  f"checkpoints: {checkpoint_root(cfg)}")
+    console.print(f"[bold]sample[/] ({escape(repr(cfg.trainer.sample_prompt))} →):")
+    console.print(sample, markup=False, highlight=False)  # model output: neither markup nor highlighted
+    console.print(f"artefacts: {run_dir}/{{config.yaml, metrics.jsonl, tokenizer.json, loss.png, sample.txt, logs/}}; "
+                  f"checkpoints: {checkpoint_root(cfg)}", markup=False)
+    if result["stopped"]:
+        stop = next((r for r in reversed(read_metrics(run_dir)) if r.get("event") == "stop"), {})
+        console.print(f"stopped at step {ends[-1].get('step')} ({stop.get('reason', 'a stop request')}), after its "
+                      f"checkpoint; the same command (trainer.resume=auto) continues from there", markup=False)
     return result
+
+
+class RunDirLock:
+    """One driver per run.dir at a time: a second `sheepop train` there would rewrite the first
+    one's config.yaml and interleave its checkpoints. An flock, so a driver that dies (even by
+    SIGKILL) leaves nothing to clean up; the file names the holder for the refusal."""
+
+    NAME = ".sheepop.lock"
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run.dir={self.path.parent} is in use by a running `sheepop train` ({holder}); wait "
+                            f"for it to end, stop it (touch {self.path.parent}/STOP), or give another run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock; the file stays (removing it would race the next holder)
+
+
+def check_run_dir(cfg: Config) -> None:
+    """run.dir is named, lies outside the prepared data (preparing again replaces data.out_dir as
+    a whole), and is not someone else's folder: a config.yaml there that is not a sheepop run's
+    would be overwritten (and its metrics.jsonl, tokenizer.json, ...)."""
+    from sheepop import storage
+
+    run_dir = cfg.run.dir
+    if not str(run_dir).strip():
+        raise UserError("run.dir= is empty; give the run's folder (default: outputs/<date>/<time>)")
+    if storage.is_uri(run_dir):
+        return
+    data = [s.out_dir for s in cfg.data.mixture] or [cfg.data.out_dir]
+    here = Path(run_dir).expanduser().resolve()
+    for out in data:
+        if not storage.is_uri(out) and (here == Path(out).expanduser().resolve()
+                                        or Path(out).expanduser().resolve() in here.parents):
+            raise UserError(f"run.dir={run_dir} is inside data.out_dir={out}, which preparing the data again "
+                            f"replaces as a whole; give a run.dir outside it")
+    found = Path(run_dir).expanduser() / "config.yaml"
+    if not found.is_file():
+        return
+    try:
+        saved = yaml.safe_load(found.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not (isinstance(saved, dict) and {"model", "trainer", "run"} <= saved.keys()):
+        raise UserError(f"run.dir={run_dir} has a config.yaml that is not a sheepop run's, which the run would "
+                        f"overwrite; give a new folder (or the run.dir of an earlier sheepop run)")
+
+
+def check_windows(manifest: dict, seq_len: int, source: str = "") -> None:
+    """Each split needs a shard longer than one window (seq_len inputs + 1 target): the ranks
+    would fail on it after the engine is built."""
+    for split in ("train", "val"):
+        shards = manifest["splits"][split]["shards"]
+        if not any(s["tokens"] > seq_len + 1 for s in shards):
+            longest = max((s["tokens"] for s in shards), default=0)
+            raise UserError(f"{'data source ' + source + ': ' if source else ''}the {split} split's longest shard "
+                            f"has {longest:,} tokens, too few for one window of {seq_len + 1} (trainer.seq_len="
+                            f"{seq_len} + 1); add data (data.paths=[...]) or lower trainer.seq_len")
 
 
 def checkpoint_root(cfg: Config) -> str:
@@ -272,6 +371,8 @@ def write_sample(cfg: Config, run_dir: Path) -> str:
     from sheepop.model.generate import complete
     from sheepop.train.checkpoint import load_model, root
 
+    if cfg.trainer.sample_tokens == 0:
+        return ""
     model, tok, _ = load_model(root(cfg))
     ids = tok.encode(cfg.trainer.sample_prompt).ids
     text = complete(model, tok, ids, cfg.trainer.sample_tokens, eot=cfg.tokenizer.eot, temperature=0.8,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -23,12 +24,12 @@ from sheepop import compat, storage
 from sheepop.config import Config, redact
 from sheepop.errors import UserError
 from sheepop.model.config import ModelConfig
-from sheepop.train.checkpoint_files import (DS_TAG, latest, list_checkpoints, localize, name, prune, read_meta,
+from sheepop.train.checkpoint_files import (DS_TAG, latest, list_checkpoints, localize, name, problem, prune, read_meta,
                                             root, run_storage, upload, write_marker)
 
 __all__ = ["DS_TAG", "latest", "list_checkpoints", "name", "read_meta", "root", "run_storage", "resolve_resume",
            "save", "load", "universal_location",
-           "needs_universal", "to_universal", "consolidated_state_dict", "find", "load_model", "Uploads",
+           "needs_universal", "check_stage_change", "to_universal", "consolidated_state_dict", "find", "load_model", "Uploads",
            "check_hf", "load_hf"]
 
 
@@ -78,14 +79,20 @@ def resolve_resume(cfg: Config, log=None) -> str | None:
     if r == "auto":
         return latest(root(cfg), log)
     loc = storage.normalize(r)
+    valid = ("valid: auto, never, a step_N folder, a checkpoints/ folder or a run dir (local or a storage URI)")
+    if not storage.is_uri(loc) and Path(loc).is_file():
+        raise UserError(f"trainer.resume={r}: a file, not a checkpoint folder; {valid}")
     if storage.is_file(storage.join(loc, "meta.json")):
+        why = problem(loc)  # named explicitly: refused now, not after the workers have started
+        if why is not None:
+            raise UserError(f"trainer.resume={r}: {why}; give an intact checkpoint (trainer.resume=auto takes "
+                            f"the newest intact one)")
         return loc
     for folder in (loc, storage.join(loc, "checkpoints")):
         found = latest(folder, log)
         if found:
             return found
-    raise UserError(f"trainer.resume={r}: not a checkpoint (no complete step_N/meta.json there); valid: auto, "
-                    "never, a step_N folder, a checkpoints/ folder or a run dir (local or a storage URI)")
+    raise UserError(f"trainer.resume={r}: not a checkpoint (no complete step_N/meta.json there); {valid}")
 
 
 def estimated_bytes(cfg: Config) -> int:
@@ -228,6 +235,25 @@ def needs_universal(ckpt: str | Path, world_size: int, zero_stage: int) -> bool:
     return meta.get("world_size", 1) != world_size or saved_stage != zero_stage
 
 
+# ZeRO stages between which DeepSpeed 0.19's universal checkpoint converts. Its zero/optimizer_state.pt
+# holds the saving optimizer's own global state, and stages 1-2 (stage_1_and_2.py) and 3 (stage3.py)
+# each read only their own layout; stage 0 saves no ZeRO optimizer files to convert at all.
+STAGE_FAMILIES = ({0}, {1, 2}, {3})
+
+
+def check_stage_change(ckpt: str, zero_stage: int) -> None:
+    """Refuse, in one line, a resume at a ZeRO stage this checkpoint cannot be converted to."""
+    saved = read_meta(ckpt).get("zero_stage", 0)
+    family = next(f for f in STAGE_FAMILIES if saved in f)
+    if zero_stage not in family:
+        names = {0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}
+        valid = " or ".join(f"parallelism={names[s]}" for s in sorted(family))
+        raise UserError(f"parallelism.zero_stage={zero_stage}: checkpoint {ckpt} was saved at ZeRO stage {saved}, "
+                        f"which DeepSpeed cannot convert to stage {zero_stage}; resume with {valid}, or start a new "
+                        f"run from its weights (sheepop export run.dir=... format=hf out=DIR, then "
+                        f"trainer.init_from=hf:DIR)")
+
+
 def universal_location(ckpt: str) -> str:
     """Beside the checkpoints, never inside the checkpoint: <run storage>/universal/step_N."""
     ckpt = storage.normalize(ckpt)
@@ -344,23 +370,30 @@ def load_hf(model: torch.nn.Module, folder: str | Path) -> None:
         model.load_state_dict(sd)  # strict, and copy_ casts bf16/fp16 files to the model's dtype
 
 
-def find(run_or_ckpt: str | Path) -> str | None:
-    """The checkpoint a run dir, a checkpoints/ folder or a step_N folder names (local or URI)."""
+def find(run_or_ckpt: str | Path, log=None) -> str | None:
+    """The checkpoint a run dir, a checkpoints/ folder or a step_N folder names (local or URI);
+    each newer checkpoint skipped as incomplete or damaged is reported through log()."""
     loc = storage.normalize(run_or_ckpt)
     if storage.is_file(storage.join(loc, "meta.json")):
         return loc
-    return latest(storage.join(loc, "checkpoints")) or latest(loc)
+    return latest(storage.join(loc, "checkpoints"), log) or latest(loc, log)
 
 
-def load_model(run_or_ckpt: str | Path):
+def _notice(line: str) -> None:
+    print(f"sheepop: {line}", file=sys.stderr)
+
+
+def load_model(run_or_ckpt: str | Path, log=_notice):
     """(model, tokenizer, meta) from a run dir, a checkpoint folder (local or in storage), or the
     model.pt that `sheepop export format=pt` or `sheepop import` wrote (plain torch weights: no
-    DeepSpeed involved; its folder names it too when it holds no checkpoint), for generate/eval/export."""
+    DeepSpeed involved; its folder names it too when it holds no checkpoint), for generate/eval/export.
+    A newer checkpoint that is damaged or incomplete is skipped with a line through log()."""
     from sheepop.data.tokenizer import load as load_tokenizer
     from sheepop.model.transformer import Transformer
 
     p = None if storage.is_uri(run_or_ckpt) else storage.local_path(run_or_ckpt)
-    if p is not None and (p / "model.pt").is_file() and find(run_or_ckpt) is None:
+    found = None if p is not None and p.is_file() else find(run_or_ckpt, log)
+    if p is not None and found is None and (p / "model.pt").is_file():
         p = p / "model.pt"
     if p is not None and p.is_file():
         saved = torch.load(p, map_location="cpu", weights_only=True)
@@ -369,7 +402,6 @@ def load_model(run_or_ckpt: str | Path):
         model.eval()
         return model, load_tokenizer(p.with_name("tokenizer.json")), {
             "step": saved["step"], "path": str(p), "local": str(p.parent), "config": saved["config"]}
-    found = find(run_or_ckpt)
     if found is None:
         raise UserError(f"run.dir={run_or_ckpt}: no checkpoint found (none complete; expected "
                         f"{run_or_ckpt}/checkpoints/step_N/meta.json)")

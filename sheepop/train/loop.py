@@ -24,6 +24,7 @@ from sheepop.cpu_allocator import hugepages_on
 from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
+from sheepop.logs import library_logger_to, logs_dir
 from sheepop.model.transformer import Transformer, document_attended, flops_per_token
 from sheepop.train import checkpoint, checkpoint_files, engine as eng, restart
 from sheepop.train.guard import DivergenceGuard
@@ -62,6 +63,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     cfg, batch = plan.cfg, plan.batch_for(world)
     t_cfg = cfg.trainer
     run_dir = Path(cfg.run.dir)
+    library_logger_to(eng.ds_logger, logs_dir(run_dir) / f"rank{rank}.log")  # not the terminal
     seed = cfg.run.seed
     # The prepared data on this node (a verified local copy when data.out_dir is in storage).
     if plan.mixture:  # data.mixture: every source checked on this node as a single corpus is

@@ -68,3 +68,34 @@ def test_existing_target_is_refused_unless_forced(run, tmp_path, fmt, name):
         saved = torch.load(out, map_location="cpu", weights_only=False)
         assert saved["step"] == 10 and (out.parent / "tokenizer.json").is_file()
         assert {t.dtype for t in saved["model"].values()} == {torch.float32}
+
+
+def test_the_run_and_its_checkpoints_are_never_export_targets_even_with_force(run, tmp_path):
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    for out in (run, run.parent, run / "checkpoints" / "hf"):
+        r = sheepop("export", f"run.dir={run}", "format=hf", f"out={out}", "--force")
+        assert "would replace the run being exported" in one_error_line(r) or "inside a run's checkpoints" in r.stderr
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_pt_export_keeps_another_tokenizer_beside_it_unless_forced(run, tmp_path):
+    (tmp_path / "tokenizer.json").write_text('{"mine": true}')
+    r = sheepop("export", f"run.dir={run}", "format=pt", f"out={tmp_path / 'model.pt'}")
+    assert "tokenizer.json already exists (another tokenizer); pass --force" in one_error_line(r)
+    assert (tmp_path / "tokenizer.json").read_text() == '{"mine": true}' and not (tmp_path / "model.pt").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_line_not_silently(run, tmp_path):
+    """generate, eval and export read the newest intact checkpoint, and say which newer one they skipped."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    ckpts = copy / "checkpoints"
+    shutil.copytree(ckpts / "step_000010", ckpts / "step_000020")
+    shard = sorted((ckpts / "step_000020").rglob("*model_states.pt"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    r = sheepop("export", f"run.dir={copy}", "format=pt", f"out={tmp_path / 'model.pt'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"skipping checkpoint {ckpts / 'step_000020'}: " in r.stderr and "step 10" in r.stdout

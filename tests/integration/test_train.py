@@ -12,7 +12,7 @@ import pytest
 from sheepop.cpu_allocator import glibc_version, hugepages_on, thp_mode, tunables_with_hugepages
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
-from tests.helpers import ROOT, free_port, sheepop, tiny_overrides
+from tests.helpers import ROOT, free_port, one_error_line, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
 
@@ -70,6 +70,8 @@ def test_tiny_model_learns(tmp_path):
     run = tmp_path / "learn"
     r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=200", "trainer.eval_every=100", "trainer.progress=false"))
     assert r.returncode == 0, r.stderr[-3000:]
+    # cluster=process: DeepSpeed's warnings go to the rank's log, not to the terminal sheepop's lines use
+    assert "[WARNING]" not in r.stdout + r.stderr and "untested optimizer" in (run / "logs" / "rank0.log").read_text()
     steps, val = latest_per_step(read_metrics(run), "val_loss")
     assert steps[0] == 0 and steps[-1] == 200
     assert val[-1] < 0.8 * val[0], val
@@ -145,6 +147,31 @@ def test_ctrl_c_saves_and_resume_reproduces_uninterrupted_run(tmp_path):
     assert diff < 1e-4, diff
 
 
+def test_a_second_start_in_a_run_dir_in_use_is_refused_and_the_stopped_run_says_so(tmp_path):
+    """One `sheepop train` per run.dir: a second start there is one line and changes nothing. The
+    first, stopped, says where and why; its sample is printed as text (brackets are not markup)."""
+    run = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train",
+                          *tiny_overrides(run, "trainer.max_steps=1000000", "trainer.eval_every=0",
+                                          "trainer.save_every=0", "trainer.sample_prompt='x[i] = d[/key] '")],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any("loss" in r for r in read_metrics(run)) and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        config = (run / "config.yaml").read_text()
+        r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=1000000", "trainer.lr=0.01"))
+        assert f"run.dir={run} is in use by a running `sheepop train` (pid " in one_error_line(r)
+        assert (run / "config.yaml").read_text() == config
+        (run / "STOP").write_text("")
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == STOPPED_EXIT_CODE, err[-3000:]
+    assert "stopped at step" in out and "(run.dir/STOP exists)" in out, out
+    assert "x[i] = d[/key] " in out, out
+
+
 def test_refused_resumes_leave_existing_checkpoints_untouched(tmp_path):
     run = tmp_path / "r"
     assert sheepop("train", *tiny_overrides(run, "trainer.max_steps=3", "trainer.save_every=2", *FP32)).returncode == 0
@@ -160,6 +187,18 @@ def test_refused_resumes_leave_existing_checkpoints_untouched(tmp_path):
     r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", "model.d_model=128"))
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "model.d_model=128 (checkpoint: 96)" in r.stderr
+    # A ZeRO stage DeepSpeed cannot convert this stage-2 checkpoint to: one line, before any worker.
+    for zero in ("zero3", "ddp"):
+        r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", f"parallelism={zero}"))
+        assert "was saved at ZeRO stage 2, which DeepSpeed cannot convert to stage" in one_error_line(r)
+    # A resume named by a file; a start whose inputs cannot be read: one line, and the run's
+    # config.yaml stays the one of the run that wrote the checkpoints.
+    config = (run / "config.yaml").read_text()
+    r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", f"trainer.resume={run}/checkpoints/step_000003/meta.json"))
+    assert "a file, not a checkpoint folder" in one_error_line(r)
+    r = sheepop("train", *tiny_overrides(run, "trainer.max_steps=6", "trainer.lr=0.5", "tokenizer.path=/nonexistent.json"))
+    assert "tokenizer.path=/nonexistent.json: no such file" in one_error_line(r)
+    assert (run / "config.yaml").read_text() == config
     assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == before
 
 

@@ -46,3 +46,36 @@ def test_bench_script_with_a_bad_option_says_so_in_one_line():
                            (["runs=x"], "bench/startup.py: runs=x: expected int")):
         r = subprocess.run([sys.executable, str(ROOT / "bench" / "startup.py"), *args], capture_output=True, text=True)
         assert r.returncode != 0 and r.stderr.strip() == expected, r.stderr
+
+
+def test_run_dir_that_is_someone_elses_folder_or_inside_the_data_is_refused(tmp_path):
+    """A config.yaml that is not a sheepop run's would be overwritten; a run.dir inside data.out_dir
+    would go when the data is prepared again; an empty run.dir would scatter the run in the cwd."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "config.yaml").write_text("database: postgres\n")
+    line = one_error_line(sheepop("train", "model=tiny", f"run.dir={theirs}"))
+    assert f"run.dir={theirs} has a config.yaml that is not a sheepop run's" in line
+    assert (theirs / "config.yaml").read_text() == "database: postgres\n"
+    line = one_error_line(sheepop("train", "model=tiny", f"run.dir={tmp_path}/data/run", f"data.out_dir={tmp_path}/data"))
+    assert f"run.dir={tmp_path}/data/run is inside data.out_dir={tmp_path}/data" in line
+    assert "run.dir= is empty" in one_error_line(sheepop("train", "model=tiny", "run.dir="))
+
+
+def test_data_out_dir_of_other_files_is_refused_before_the_run_starts(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    line = one_error_line(sheepop("train", "model=tiny", f"run.dir={tmp_path}/run", f"data.out_dir={tmp_path}/notes"))
+    assert f"data.out_dir={tmp_path}/notes holds files that are not prepared data" in line
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me" and not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_corpus_too_small_for_one_window_is_one_line_before_any_rank_starts(tmp_path):
+    import json
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"def f{i}(a):\n    return a + {i}\n" * 2}) + "\n" for i in range(3)))
+    r = sheepop("train", "model=tiny", "cluster=process", "logger=none", f"run.dir={tmp_path}/run", "data=jsonl",
+                f"data.paths=[{docs}]", f"data.out_dir={tmp_path}/prepared")
+    assert "too few for one window of 129 (trainer.seq_len=128 + 1)" in one_error_line(r)
+    assert not (tmp_path / "run" / "config.yaml").exists()  # the run did not start

@@ -58,6 +58,14 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.eval_tasks_limit=-1", "trainer.eval_tasks_limit=-1 must be >= 0"),
     ("trainer.compile=yes", "trainer.compile=yes; valid: auto, true, false"),
     ("trainer.compile_mode=fast", "trainer.compile_mode=fast; valid: default, reduce-overhead, max-autotune, "),
+    # `+key=value` adds a key Hydra lets through a structured config: the same line as a typo
+    ("+trainer.max_stepz=3", "unknown key 'trainer.max_stepz'; valid keys in trainer: "),
+    ("+foo=1", "unknown key 'foo'; valid top-level keys: run, model"),
+    ("+data.clean.x=1", "unknown key 'data.clean.x'; valid keys in data.clean: "),
+    ("parallelism.reduce_bucket_size=0", "parallelism.reduce_bucket_size=0 must be >= 1"),
+    ("trainer.lr=inf", "trainer.lr=inf, trainer.min_lr=.*a finite lr > 0"),
+    ("trainer.sample_tokens=-1", "trainer.sample_tokens=-1 must be >= 0"),
+    ("model=tiny ~trainer.lr", "^bad override .~trainer.lr.: "),  # names the bad one only
 ])
 def test_bad_config_is_one_user_error(override, expected):
     with pytest.raises(UserError, match=expected.replace("(", r"\(")):
@@ -100,6 +108,27 @@ def test_cli_bad_override_one_line_nonzero_before_any_heavy_import(args, tmp_pat
     assert args[0].split("=")[0] in lines[0]
     assert not (tmp_path / "run").exists()  # failed before writing anything
     assert json.loads(report.read_text()) == []  # no heavy import: the error came before any
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--info"], "'--info': not a flag of sheepop train"),
+    (["-m", "model=tiny"], "'-m': not a flag of sheepop train"),
+    (["--cfg", "hydra"], "--cfg hydra: sheepop train prints its own config only"),
+    (["--help", "trainer.max_stepz=3"], "unknown key 'trainer.max_stepz'"),
+])
+def test_train_flags_it_does_not_take_are_one_line(args, needle):
+    from tests.helpers import one_error_line, sheepop
+
+    assert needle in one_error_line(sheepop("train", *args))
+
+
+def test_train_help_and_cfg_job_take_overrides_on_either_side():
+    from tests.helpers import sheepop
+
+    r = sheepop("train", "model=tiny", "--help")
+    assert r.returncode == 0 and "== Configuration groups ==" in r.stdout, r.stderr
+    r = sheepop("train", "--cfg", "job", "model=tiny")
+    assert r.returncode == 0 and "name: tiny-stdlib" in r.stdout, r.stderr
 
 
 FREEZE_REPORTED = """

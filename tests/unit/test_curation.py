@@ -143,3 +143,46 @@ def test_a_crash_resumes_from_the_finished_units_and_gives_the_same_bytes(tmp_pa
     assert not work.exists()
     logs.clear()
     assert prepare(cfg, log=logs.append)["fingerprint"] == m["fingerprint"] and not logs  # done: nothing rerun
+
+
+def test_an_out_dir_that_preparing_would_wrongly_replace_is_refused_before_any_work(tmp_path):
+    """Preparing replaces data.out_dir as a whole: never the inputs, never someone else's folder,
+    never a file; one line each, before a document is read, and every file is still there."""
+    build_formats(tmp_path / "in")
+    inputs = sorted(p.name for p in (tmp_path / "in").iterdir())
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    (tmp_path / "a_file").write_text("keep me too")
+    for out, paths, needle in [
+        (tmp_path / "in", tmp_path / "in", "would replace the input data.paths"),
+        (tmp_path, f"{tmp_path / 'in'}/*.txt", "would replace the input data.paths"),
+        (tmp_path / "notes", tmp_path / "in", "holds files that are not prepared data (no manifest.json)"),
+        (tmp_path / "a_file", tmp_path / "in", "is a file; give a folder"),
+        (tmp_path / "a_file" / "x", tmp_path / "in", "a_file is a file, not a folder"),
+    ]:
+        r = sheepop("prepare", "model=tiny", "data=files", f"data.paths=[{paths}]", f"data.out_dir={out}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"data.out_dir={out}" in r.stderr and needle in r.stderr, r.stderr
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == inputs
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert (tmp_path / "a_file").read_text() == "keep me too"
+    assert not list(tmp_path.glob("*.tmp"))  # no work was started
+
+
+def test_a_given_tokenizer_counts_by_its_content_not_its_path(tmp_path):
+    """The same tokenizer.json at another path (as `trainer.init_from` gives it) is the same data:
+    prepared data is reused, not rebuilt."""
+    from sheepop.data.shards import fingerprint
+
+    build_formats(tmp_path / "in")
+    ref = prepare(cfg_for([tmp_path / "in"], tmp_path / "ref"), log=lambda *_: None)
+    tok = (tmp_path / "ref" / "tokenizer.json").read_text()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "tokenizer.json").write_text(tok)
+    (tmp_path / "b" / "tokenizer.json").write_text(tok)
+    fps = [fingerprint(cfg_for([tmp_path / "in"], tmp_path / "o", f"tokenizer.path={d / 'tokenizer.json'}"))
+           for d in (tmp_path / "a", tmp_path / "b")]
+    assert fps[0] == fps[1] != ref["fingerprint"]
+    (tmp_path / "b" / "tokenizer.json").write_text(tok.replace('"<|pad|>"', '"<|PAD|>"'))
+    assert fingerprint(cfg_for([tmp_path / "in"], tmp_path / "o", f"tokenizer.path={tmp_path / 'b' / 'tokenizer.json'}")) != fps[0]

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "sheepop"
 # Lower number = lower layer. A module may import its own layer or lower ones.
 LAYERS = [
     ("sheepop", "sheepop.errors", "sheepop.units", "sheepop.net", "sheepop.compat", "sheepop.logs",
-     "sheepop.storage", "sheepop.extensions", "sheepop.startup", "sheepop.cpu_allocator", "sheepop.eval_tasks"),
+     "sheepop.storage", "sheepop.output_paths", "sheepop.extensions", "sheepop.startup", "sheepop.cpu_allocator", "sheepop.eval_tasks"),
     ("sheepop.model.config", "sheepop.model.hf_config", "sheepop.config"),
     ("sheepop.perf", "sheepop.plan", "sheepop.model", "sheepop.data"),
     ("sheepop.train",),
