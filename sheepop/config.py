@@ -288,8 +288,23 @@ def compose(overrides: list[str]) -> "Config":
     added = [k for k in _added_keys(cfg, Config) if not k.startswith("hydra")]
     if added:
         raise UserError(_unknown_key(added[0]) or f"unknown key '{added[0]}'")
-    validate(cfg)
+    validate(cfg, _model_fields_chosen(overrides))
     return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def _model_fields_chosen(overrides: list[str]) -> set[str]:
+    """The model fields the command line set: those of a model=PRESET it named (even the default
+    one), and each model.X=... (trainer.init_from refuses any that disagrees with config.json)."""
+    chosen = set()
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == "model" and value:
+            preset = conf_dir() / "model" / f"{value}.yaml"
+            if preset.is_file():
+                chosen |= set(OmegaConf.to_container(OmegaConf.load(preset)))
+        elif key.startswith("model."):
+            chosen.add(key.split(".")[1])
+    return chosen
 
 
 def _explain(e: Exception, overrides: list[str]) -> str:
@@ -353,8 +368,9 @@ def _added_keys(node, cls, prefix: str = "") -> list[str]:
     return found
 
 
-def validate(cfg: DictConfig) -> None:
-    """Checks the types cannot express. Raises UserError naming the value and what is valid."""
+def validate(cfg: DictConfig, model_chosen: set[str] = frozenset()) -> None:
+    """Checks the types cannot express. Raises UserError naming the value and what is valid.
+    model_chosen: the model fields the command line set (checked against trainer.init_from's)."""
     m, t, p, c, lg = cfg.model, cfg.trainer, cfg.parallelism, cfg.cluster, cfg.logger
 
     def need(ok: bool, msg: str) -> None:
@@ -364,7 +380,7 @@ def validate(cfg: DictConfig) -> None:
     if t.init_from:  # the model's shape and tokenizer come from the imported folder (checked there)
         from sheepop.model.hf_config import apply_init_from
 
-        apply_init_from(cfg, _default_model())
+        apply_init_from(cfg, model_chosen)
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
         need(m[key] >= 1, f"model.{key}={m[key]} must be >= 1")
     need(m.rope_theta > 0 and m.norm_eps > 0 and m.init_std > 0,
@@ -558,16 +574,6 @@ def _fsspec_knows(scheme: str) -> bool:
         return scheme in fsspec.available_protocols()
     except ImportError:
         return False
-
-
-def _default_model() -> dict:
-    """The model fields `sheepop train` has without any model override: the default preset's."""
-    import dataclasses
-
-    defaults = OmegaConf.to_container(OmegaConf.load(conf_dir() / "config.yaml"))["defaults"]
-    name = next(d["model"] for d in defaults if isinstance(d, dict) and "model" in d)
-    preset = OmegaConf.to_container(OmegaConf.load(conf_dir() / "model" / f"{name}.yaml"))
-    return {**dataclasses.asdict(ModelConfig()), **preset}
 
 
 def grad_accum_dtype(mode: str, setting: str, zero_stage: int) -> str:

@@ -85,10 +85,10 @@ def init_from_folder(spec: str) -> Path:
 IMPORTED_FIELDS = (*ModelConfig.WEIGHT_FIELDS, "max_seq_len")
 
 
-def apply_init_from(cfg: "DictConfig", default_model: dict) -> None:
+def apply_init_from(cfg: "DictConfig", chosen: set[str]) -> None:
     """trainer.init_from=hf:DIR, on the composed (resolved) DictConfig, for sheepop.config.validate: the
     model's shape becomes DIR/config.json's and tokenizer.path DIR/tokenizer.json (unless set). A shape
-    field the command line chose (a model=PRESET other than the default one, or model.X=...) that
+    field the command line chose (`chosen`: from a model=PRESET it named, or model.X=...) that
     disagrees with config.json is refused. No torch here: compose stays fast."""
     folder = init_from_folder(cfg.trainer.init_from)
     config_json = folder / "config.json"
@@ -101,10 +101,9 @@ def apply_init_from(cfg: "DictConfig", default_model: dict) -> None:
         raise UserError(f"{config_json}: not JSON ({e})") from None
     imported = model_config_from_hf(config, ModelConfig(), where=str(config_json))
     safetensors_files(folder)
-    default = default_model  # the model fields `sheepop train` has without any model override
     for key in IMPORTED_FIELDS:
         ours, theirs = cfg.model[key], getattr(imported, key)
-        if ours != default[key] and ours != theirs:  # the command line chose this value: it must agree
+        if key in chosen and ours != theirs:  # the command line chose this value: it must agree
             raise UserError(f"model.{key}={ours} but {config_json} has {theirs}; the shape comes from "
                             f"trainer.init_from: drop model.{key} (or the model=... preset)")
         cfg.model[key] = theirs

@@ -126,6 +126,8 @@ def test_init_from_sets_the_model_and_tokenizer_and_refuses_a_shape_the_command_
         compose(["model=tiny", f"trainer.init_from=hf:{tmp_path}"])
     with pytest.raises(UserError, match="model.n_layers=5 but"):
         compose(["model.n_layers=5", f"trainer.init_from=hf:{tmp_path}"])
+    with pytest.raises(UserError, match="but .*config.json has"):  # naming the default preset is a choice too
+        compose(["model=small", f"trainer.init_from=hf:{tmp_path}"])
 
 
 def test_missing_weights_or_a_missing_shard_is_one_line(tmp_path):
