@@ -322,6 +322,12 @@ def _explain(e: Exception, overrides: list[str]) -> str:
     m = re.search(r"full_key: (\S+)", cause)
     if "Value '" in cause and m and "reference_type=MixtureSource" in cause:
         return f"data.mixture[].{m.group(1)}: {cause.splitlines()[0]}"
+    if "is not a ListConfig" in msg + cause:  # a list key given one value: `data.paths=notes/`
+        named = re.search(r"full_key: (\S+)", msg + "\n" + cause)
+        bad = next((o for o in overrides if named and o.lstrip("+~").split("=", 1)[0] == named.group(1)), None)
+        if bad:
+            key, value = bad.lstrip("+~").split("=", 1)
+            return f"{key}={value}: {key} is a list; write {key}=[{value}]"
     if "Value '" in cause and m:  # right key, wrong type
         return f"{m.group(1)}: {cause.splitlines()[0]}"
     m = re.search(r"Could not override '([^']+)'", msg) or re.search(r"Key '([^']+)' not in", msg)

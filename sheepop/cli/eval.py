@@ -137,6 +137,9 @@ def evaluate(run_dir: str, *, split: str = "val", data_overrides: list[str] | No
         result, what = _score_files(model, data_overrides, ckpt_tok, seq, max_tokens, batch_size)
     elif split not in ("train", "val"):
         raise UserError(f"split={split}; valid: train, val")
+    elif cfg["trainer"].get("init_from") and meta["step"] == 0:  # `sheepop import`'s model.pt: no data of its own
+        raise UserError(f"run.dir={run_dir} holds imported weights ({cfg['trainer']['init_from']}), which have no "
+                        f"prepared data of their own; pass data=... \"data.paths=[...]\" to score files")
     elif mixture := cfg["data"].get("mixture") or []:
         # a data.mixture run: each source's split, then their mean by the mixture's weights
         total = sum(float(s["weight"]) for s in mixture)

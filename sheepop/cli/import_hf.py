@@ -38,6 +38,9 @@ def main(argv: list[str]) -> int:
     if out.is_dir() and any(out.iterdir()) and not o.get("force"):
         raise UserError(f"out={out} already exists and is not empty; pass --force to replace its model.pt")
     out = output_paths.check(o["out"], "out", kind="folder", force=True)  # a file, or a parent that is one
+    if not (Path(folders[0]).expanduser() / "config.json").is_file():  # in import's words, not train's
+        raise UserError(f"DIR={folders[0]}: no config.json there; give a Hugging Face Llama folder "
+                        f"(config.json, model.safetensors or its shards, tokenizer.json)")
     import torch
 
     from sheepop.config import compose, redact

@@ -153,6 +153,8 @@ def test_import_writes_a_folder_generate_reads(tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("def "), r.stderr[-2000:]
     line = one_error_line(sheepop("import", str(tmp_path / "hf"), f"out={tmp_path / 'run'}"))
     assert "already exists and is not empty; pass --force" in line
+    line = one_error_line(sheepop("eval", f"run.dir={tmp_path / 'run'}"))  # no data of its own to score
+    assert "holds imported weights" in line and "pass data=..." in line
 
 
 def test_the_plan_loads_imported_weights_on_a_fresh_start_only(tmp_path):

@@ -92,3 +92,9 @@ def test_import_refuses_a_training_run_whose_checkpoints_would_hide_the_import(t
     r = sheepop("import", str(tmp_path / "hf"), f"out={run}", "--force")
     assert "is a training run (it has checkpoints/)" in one_error_line(r)
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints"]
+
+
+def test_import_names_its_own_argument_when_the_folder_is_not_a_model(tmp_path):
+    line = one_error_line(sheepop("import", str(tmp_path / "nothere"), f"out={tmp_path / 'run'}"))
+    assert line.endswith(f"DIR={tmp_path / 'nothere'}: no config.json there; give a Hugging Face Llama folder "
+                         "(config.json, model.safetensors or its shards, tokenizer.json)")
