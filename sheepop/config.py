@@ -427,6 +427,9 @@ def validate(cfg: DictConfig, model_chosen: set[str] = frozenset()) -> None:
     need(t.compile_mode in COMPILE_MODES, f"trainer.compile_mode={t.compile_mode}; valid: {', '.join(COMPILE_MODES)}")
     need(t.grad_accum_dtype in GRAD_ACCUM_DTYPES,
          f"trainer.grad_accum_dtype={t.grad_accum_dtype}; valid: {', '.join(GRAD_ACCUM_DTYPES)}")
+    need(not (t.grad_accum_dtype == "bf16" and t.precision in ("fp32", "bf16-autocast")),
+         f"trainer.grad_accum_dtype=bf16 with trainer.precision={t.precision}: gradients are fp32 there; "
+         f"use trainer.precision=bf16 or trainer.grad_accum_dtype=auto")
     need(not (t.grad_accum_dtype == "fp32" and p.zero_stage < 2 and t.precision == "bf16"),
          f"trainer.grad_accum_dtype=fp32 with bf16 at parallelism.zero_stage={p.zero_stage}: sheepop accumulates "
          f"in fp32 at ZeRO stages 2-3; use parallelism=zero2 or trainer.grad_accum_dtype=auto")

@@ -28,6 +28,7 @@ sheepop.train.checkpoint.load_hf's (the one place weights are loaded).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -164,6 +165,12 @@ def tokenizer_files(tok, max_seq_len: int, eot: str = EOT) -> dict[str, dict]:
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
+def _as_umask_allows(path: Path) -> None:
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_hf(model, tok, out: Path, *, dtype: str = "fp32", eot: str = EOT) -> None:
     """Write the HF folder for a sheepop Transformer and its tokenizers.Tokenizer (eot: the run's
     document separator, HF's eos token), replacing `out`."""
@@ -179,6 +186,7 @@ def write_hf(model, tok, out: Path, *, dtype: str = "fp32", eot: str = EOT) -> N
         if dtype == "bf16":
             sd = {k: v.to(torch.bfloat16) for k, v in sd.items()}
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _as_umask_allows(tmp / "model.safetensors")  # safetensors writes 0600, unlike every file beside it
         config = hf_config(model.args, tok, dtype, eot)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         gen = {"eos_token_id": config["eos_token_id"], "pad_token_id": config["pad_token_id"]}

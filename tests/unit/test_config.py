@@ -66,6 +66,7 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.lr=inf", "trainer.lr=inf, trainer.min_lr=.*a finite lr > 0"),
     ("trainer.sample_tokens=-1", "trainer.sample_tokens=-1 must be >= 0"),
     ("model=tiny ~trainer.lr", "^bad override .~trainer.lr.: "),  # names the bad one only
+    ("trainer.precision=fp32 trainer.grad_accum_dtype=bf16", "trainer.grad_accum_dtype=bf16 with trainer.precision=fp32"),
     ("data=files data.paths=/tmp/src", "data.paths=/tmp/src: data.paths is a list; write data.paths="),
 ])
 def test_bad_config_is_one_user_error(override, expected):

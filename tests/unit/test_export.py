@@ -65,6 +65,9 @@ def test_bf16_export_is_bf16(tmp_path):
              tok, tmp_path / "hf", dtype="bf16")
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # the weights are as readable as the files beside them (safetensors alone would write 0600)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 @pytest.mark.parametrize("args, needle", [
