@@ -153,6 +153,9 @@ def _curated(cfg: dict, work: Path, ex: Executor, ui: Progress, log) -> dict:
         split["val" if is_val(d["id"], data_cfg["val_fraction"]) else "train"].append(d)
     if not split["val"] or not split["train"]:  # tiny corpora: hold out the last document
         split["train"], split["val"] = cur.kept[:-1] or cur.kept, cur.kept[-1:]
+    if len(cur.kept) == 1:
+        log("warning: one document only: the validation split is the training document itself, so val_loss "
+            "measures memorization, not generalization; add documents for a held-out split")
     funnel = cur.funnel()
     lost = {s["stage"]: s["docs_in"] - s["docs_out"] for s in funnel[1:] if s["docs_in"] != s["docs_out"]}
     log(f"read {funnel[0]['docs_out']} documents from {len(files)} files, {funnel[0]['bytes_out'] / 1e6:.1f} MB; "

@@ -186,3 +186,13 @@ def test_a_given_tokenizer_counts_by_its_content_not_its_path(tmp_path):
     assert fps[0] == fps[1] != ref["fingerprint"]
     (tmp_path / "b" / "tokenizer.json").write_text(tok.replace('"<|pad|>"', '"<|PAD|>"'))
     assert fingerprint(cfg_for([tmp_path / "in"], tmp_path / "o", f"tokenizer.path={tmp_path / 'b' / 'tokenizer.json'}")) != fps[0]
+
+
+def test_a_single_document_corpus_warns_that_validation_is_the_training_text(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "only.txt").write_text(prose(1, 300))
+    lines = []
+    m = prepare(cfg_for([tmp_path / "in"], tmp_path / "out"), log=lines.append)
+    assert m["splits"]["train"]["shards"][0]["sha256"] == m["splits"]["val"]["shards"][0]["sha256"]
+    assert any("one document only: the validation split is the training document itself" in str(line)
+               for line in lines), lines
