@@ -225,7 +225,7 @@ def _run(cfg: Config, run_dir: Path, resume: str | None, sources: list) -> dict:
                   f"training tokens; {plan.batch.describe()}, "
                   f"ZeRO stage {cfg.parallelism.zero_stage}" + (" (universal resume)" if plan.universal else ""))
 
-    view = LiveView(run_dir, cfg.trainer.max_steps, console) if cfg.trainer.progress else None
+    view = LiveView(run_dir, cfg.trainer.max_steps, console, launch=True) if cfg.trainer.progress else None
     try:
         if view:
             view.__enter__()

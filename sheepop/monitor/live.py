@@ -62,6 +62,7 @@ class Progress:
 
     def __init__(self):
         self.started = False  # a start/resume event was seen: ETA and elapsed count from the latest
+        self.starts = 0  # start/resume events seen
         self.start_time: float | None = None
         self.ended = False
         self.last_time: float | None = None  # of the newest line of any kind
@@ -80,6 +81,7 @@ class Progress:
             ev = r.get("event")
             if ev in ("start", "resume"):
                 self.started, self.start_time, self.ended = True, r.get("time"), False
+                self.starts += 1
                 self.recent.clear()
                 self.step = r.get("step", self.step)
             elif ev == "end" and self.started:
@@ -152,8 +154,13 @@ class LiveView:
     """Poll metrics.jsonl in a thread and show it. Use as a context manager, or `run_until_end`."""
 
     def __init__(self, run_dir: str | Path, total_steps, console: Console | None = None, poll_s: float = 0.5,
-                 *, sparkline: bool = False, plain: bool | None = None, plain_every_s: float = 10.0):
+                 *, sparkline: bool = False, plain: bool | None = None, plain_every_s: float = 10.0,
+                 launch: bool = False):
         # total_steps: an int, or a function re-read at each poll (watch: a resume may raise it)
+        # launch: the driver's own view of the run it is starting: it shows nothing of the file
+        # until a start/resume event newer than what the file held at entry (not an earlier
+        # attempt's last line). Counted, not timed: rank 0 may write on a machine with another clock.
+        self.launch, self._starts_before = launch, None
         self.run_dir, self.poll_s = Path(run_dir), poll_s
         self._total = total_steps if callable(total_steps) else (lambda: total_steps)
         self.console = console or Console()
@@ -175,6 +182,10 @@ class LiveView:
             self._progress = Progress()
         self._progress.add(rows)
         self.snap = self._progress.snapshot(self._total())
+        if self.waiting():
+            if self._live is not None:
+                self._live.update(self.render())
+            return self.snap
         if self.plain:
             now = time.monotonic()
             if self.snap.step != self._printed_step and self.snap.losses and now - self._printed_at >= self.plain_every_s:
@@ -183,6 +194,10 @@ class LiveView:
             self._live.update(self.render())
         return self.snap
 
+    def waiting(self) -> bool:
+        """Still before this launch's start/resume event (see `launch`)."""
+        return self.launch and self._progress.starts <= (self._starts_before or 0)
+
     def _print_plain(self, now: float) -> None:
         self.console.print(plain_line(self.snap), highlight=False, soft_wrap=True)
         self._printed_step, self._printed_at = self.snap.step, now
@@ -190,6 +205,8 @@ class LiveView:
     # -- rendering ---------------------------------------------------------------------------
     def render(self) -> Group:
         s = self.snap
+        if self.waiting():
+            return Group(Text("starting: workers, data check, engine…", style="dim"))
         head = Table.grid(padding=(0, 1))
         head.add_row(Text("step", style="bold"), Text(f"{s.step}/{s.total}"),
                      ProgressBar(total=max(1, s.total), completed=min(s.step, s.total), width=36),
@@ -220,6 +237,9 @@ class LiveView:
             self.update()
 
     def __enter__(self):
+        if self.launch:
+            self._progress.add(self._tail.read())
+            self._starts_before = self._progress.starts
         self.update()  # the first frame shows the run as it is (watch on a running or finished run)
         if not self.plain:
             self._live = Live(self.render(), console=self.console, refresh_per_second=4, transient=False)
@@ -237,7 +257,7 @@ class LiveView:
             self._live.update(self.render())
             self._live.stop()
             self._live = None
-        elif self.snap.losses and self.snap.step != self._printed_step:
+        elif self.snap.losses and self.snap.step != self._printed_step and not self.waiting():
             self._print_plain(time.monotonic())  # the final state, always
 
     def run_until_end(self, timeout_s: float | None = None) -> Snapshot:

@@ -291,3 +291,28 @@ def test_a_cpu_peak_probed_on_a_busy_machine_is_raised_to_what_a_step_achieves(t
     assert json.loads((tmp_path / "peak_flops.json").read_text())[key] == peak
     again = step_extras(flops_per_token=1e3, tokens_per_sec=1500.0, world_size=1, device="cpu")
     assert again["peak_flops"] == peak  # from the cache: no probe on every step
+
+
+def test_the_drivers_view_of_a_resumed_run_shows_nothing_of_the_earlier_attempt_until_this_one_starts(tmp_path):
+    """`sheepop train` resuming a finished run: the file ends with the earlier attempt's last step
+    and `end`; its view waits for this launch's resume event instead of showing those as now."""
+    import io
+
+    from rich.console import Console
+
+    from sheepop.monitor.live import LiveView
+
+    rows = _replayed_rows()
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = io.StringIO()
+    view = LiveView(tmp_path, 20, Console(file=out, width=200), poll_s=60, plain=True, plain_every_s=0, launch=True)
+    with view:
+        assert view.waiting() and "starting" in str(view.render().renderables[0])
+        with metrics.open("a") as f:
+            f.write(json.dumps({"time": 300.0, "attempt": 2, "event": "resume", "step": MAX_STEPS}) + "\n")
+            f.write(json.dumps({**_step_row(MAX_STEPS, 1, 302.0), "step": MAX_STEPS + 1, "attempt": 2}) + "\n")
+        snap = view.update()
+        assert not view.waiting() and (snap.step, snap.attempt, snap.ended) == (MAX_STEPS + 1, 2, False)
+    printed = [line for line in out.getvalue().splitlines() if line.strip()]
+    assert printed and all(line.startswith(f"step {MAX_STEPS + 1}/20") for line in printed), printed
