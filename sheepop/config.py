@@ -275,6 +275,10 @@ def compose(overrides: list[str]) -> "Config":
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    hydra_own = next((o for o in overrides if o.lstrip("+~").split("=", 1)[0].split("/")[0].split(".")[0] == "hydra"), None)
+    if hydra_own:  # sheepop composes with Hydra's API: Hydra's own run settings would do nothing
+        raise UserError(f"{hydra_own}: sheepop does not use Hydra's own settings (hydra.*); the run's folder is "
+                        f"run.dir=..., its name run.name=...")
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):

@@ -67,6 +67,7 @@ def test_overrides_reach_the_typed_config_and_run_dir_is_resolved():
     ("trainer.sample_tokens=-1", "trainer.sample_tokens=-1 must be >= 0"),
     ("model=tiny ~trainer.lr", "^bad override .~trainer.lr.: "),  # names the bad one only
     ("trainer.precision=fp32 trainer.grad_accum_dtype=bf16", "trainer.grad_accum_dtype=bf16 with trainer.precision=fp32"),
+    ("hydra.run.dir=/tmp/x", "hydra.run.dir=/tmp/x: sheepop does not use Hydra's own settings"),
     ("data=files data.paths=/tmp/src", "data.paths=/tmp/src: data.paths is a list; write data.paths="),
 ])
 def test_bad_config_is_one_user_error(override, expected):
