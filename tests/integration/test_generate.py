@@ -21,13 +21,13 @@ def test_cli_refuses_a_prompt_outside_the_vocabulary(tmp_path):
     r = sheepop("generate", f"run.dir={run}", "prompt=def fé", "max_new_tokens=5")
     assert "prompt has characters outside the tokenizer's vocabulary: 'é'" in one_error_line(r)
     # Bad sampling options and an unwritable export path: one line each, the value named.
-    for args, message in ((["temperature=-1"], "temperature=-1.0: must be >= 0"), (["top_p=1.5"], "top_p=1.5: must be in"),
+    for args, message in ((["temperature=-1"], "temperature=-1.0: must be in [0, 100]"), (["top_p=1.5"], "top_p=1.5: must be in"),
                           (["num_samples=0"], "num_samples=0: must be >= 1")):
         r = sheepop("generate", f"run.dir={run}", *args)
         assert message in one_error_line(r)
     (tmp_path / "a_file").write_text("")
     r = sheepop("export", f"run.dir={run}", "format=pt", f"out={tmp_path}/a_file/model.pt")
-    assert "cannot write there" in one_error_line(r)
+    assert f"{tmp_path}/a_file is a file, not a folder" in one_error_line(r)
     shutil.copy(tmp_path / "orig.json", ckpt / "tokenizer.json")  # the byte-level one takes anything
     r = sheepop("generate", f"run.dir={run}", "prompt=def fé", "max_new_tokens=5", "greedy=true")
     assert r.returncode == 0, r.stderr[-2000:]
