@@ -76,11 +76,6 @@ def _writable(folder: Path) -> bool:
     return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
 
 
-def environment() -> dict[str, str]:
-    """The variables the driver and every worker need: TORCH_EXTENSIONS_DIR."""
-    return {ENV_VAR: str(extensions_dir())}
-
-
 def activate() -> Path:
     """Set TORCH_EXTENSIONS_DIR in this process unless the user set it (torch reads it at each op
     load, so any time before deepspeed.init_distributed will do), and put this environment's ninja
