@@ -213,6 +213,12 @@ def ray_torch_trainer(local: bool):
         def _create_default_callbacks(self):
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
 
+        def _register_sigint_handler(self, controller) -> None:
+            """Ray Train 2.60's fit() replaces the process's SIGINT handler with one that aborts the
+            controller at once: Ctrl-C killed a run with no checkpoint, no `stop` event, exit 1.
+            sheepop's own handler (driver.stop_forwarder: every rank saves at its next step, then
+            the run ends with exit 75) stays in place."""
+
         def _initialize_and_run_controller(self, **kwargs):
             if local and type(kwargs.get("scaling_policy")) is FixedScalingPolicy:
                 kwargs["scaling_policy"] = NoAutoscalerPolicy(scaling_config=self.scaling_config)
