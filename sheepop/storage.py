@@ -347,16 +347,61 @@ def check_writable(location: str, setting: str) -> None:
             fs.delete_file(target)
             outcome.append(None)
         except Exception as e:  # pyarrow raises OSError with the SDK's message
-            msg = str(e)
-            if "ACCESS_DENIED" in msg or "AccessDenied" in msg or "403" in msg:
-                why = "no write permission (Access Denied)"
-            elif "credential" in msg.lower() or "INVALID_ACCESS_KEY" in msg or "SIGNATURE" in msg.upper():
-                why = "the credentials were refused"
-            else:
-                why = msg.splitlines()[0][:200]
-            outcome.append(UserError(f"{setting}={location}: {why}"))
+            outcome.append(UserError(f"{setting}={location}: {_refusal(str(e), 'write')}"))
 
     t = threading.Thread(target=probe_write, daemon=True)
+    t.start()
+    t.join(CHECK_SECONDS)
+    if not outcome:
+        raise UserError(f"{setting}={location}: no answer within {CHECK_SECONDS:g} s"
+                        + (f" from {endpoint(location)}" if endpoint(location) else ""))
+    if outcome[0] is not None:
+        raise outcome[0]
+
+
+def _refusal(msg: str, what: str) -> str:
+    """The reason in an object store's error message, in a few words."""
+    if "INVALID_ACCESS_KEY" in msg or "InvalidAccessKeyId" in msg or "SIGNATURE" in msg.upper() \
+            or "credential" in msg.lower():
+        return "the credentials were refused (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    if "ACCESS_DENIED" in msg or "AccessDenied" in msg or "403" in msg:
+        return f"no {what} permission (Access Denied)"
+    return msg.splitlines()[0][:200]
+
+
+def check_readable(location: str, setting: str) -> None:
+    """One UserError line, within CHECK_SECONDS, when `location` in object storage cannot be read:
+    unreachable endpoint, missing or refused credentials, a bucket or a path that is not there.
+    Local paths are left to the caller (each names its own files)."""
+    import threading
+
+    from sheepop.errors import UserError
+
+    if not is_uri(location):
+        return
+    if endpoint(location):
+        _check_reachable(location, setting)
+    if urlparse(location).scheme == "s3" and s3_credential_source() is None:
+        raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
+    outcome: list = []
+
+    def probe_read() -> None:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, path = filesystem(location)
+            bucket = path.split("/", 1)[0]
+            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+                outcome.append(UserError(f"{setting}={location}: bucket '{bucket}' does not exist; fix the URI"))
+            elif fs.get_file_info(path).type == pafs.FileType.NotFound:
+                outcome.append(UserError(f"{setting}={location}: nothing there in the bucket; fix the URI"))
+            else:
+                outcome.append(None)
+        except Exception as e:  # pyarrow raises OSError with the SDK's message
+            outcome.append(UserError(f"{setting}={location}: {_refusal(str(e), 'read')}"))
+
+    t = threading.Thread(target=probe_read, daemon=True)
     t.start()
     t.join(CHECK_SECONDS)
     if not outcome:

@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
         if key in opts and (opts[key] < 0 if least is None else opts[key] <= least):
             raise UserError(f"{key}={opts[key]}: must be {'>= 0' if least is None else '> 0'} seconds")
     remote = storage.is_uri(argv[0])
+    storage.check_readable(argv[0], "RUN_DIR")
     if remote and not storage.is_file(storage.join(argv[0], "config.yaml")):
         raise UserError(f"RUN_DIR={argv[0]}: no config.yaml there; pass <cluster.storage_path>/<run.name> of a run")
     run_dir = local_run(argv[0])

@@ -470,13 +470,17 @@ def build(run_dir: Path, log_x: bool = False) -> Report:
 
 def write(run_dir: str | Path, out: str | Path | None = None, log_x: bool = False) -> tuple[Path, Path]:
     """Write report.html and report.md (+ report_files/*.png); returns their paths. A run in
-    storage (s3://...) is read from a local copy, where the report goes unless out= says otherwise."""
+    storage (s3://...) is read from a local copy; its report goes to ./report-<run name>/ unless out= says otherwise."""
+    from sheepop import storage
     from sheepop.monitor.metrics_file import local_run
 
+    given = str(run_dir)
+    storage.check_readable(given, "RUN_DIR")
     run_dir = local_run(run_dir)
     if not run_dir.is_dir():
-        raise UserError(f"RUN_DIR={run_dir}: no such directory")
-    out = Path(out).expanduser() if out else run_dir
+        raise UserError(f"RUN_DIR={given}: no such directory")
+    # A run in storage: the report goes to the current folder (not into sheepop's download cache).
+    out = Path(out).expanduser() if out else Path(f"report-{storage.name(given)}") if storage.is_uri(given) else run_dir
     rep = build(run_dir, log_x)
     subtitle = f"{run_dir.resolve()} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
     out.mkdir(parents=True, exist_ok=True)

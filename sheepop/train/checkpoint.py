@@ -79,6 +79,7 @@ def resolve_resume(cfg: Config, log=None) -> str | None:
     if r == "auto":
         return latest(root(cfg), log)
     loc = storage.normalize(r)
+    storage.check_readable(loc, "trainer.resume")
     valid = ("valid: auto, never, a step_N folder, a checkpoints/ folder or a run dir (local or a storage URI)")
     if not storage.is_uri(loc) and Path(loc).is_file():
         raise UserError(f"trainer.resume={r}: a file, not a checkpoint folder; {valid}")
@@ -391,6 +392,7 @@ def load_model(run_or_ckpt: str | Path, log=_notice):
     from sheepop.data.tokenizer import load as load_tokenizer
     from sheepop.model.transformer import Transformer
 
+    storage.check_readable(str(run_or_ckpt), "run.dir")  # in storage: one line if it cannot be read
     p = None if storage.is_uri(run_or_ckpt) else storage.local_path(run_or_ckpt)
     found = None if p is not None and p.is_file() else find(run_or_ckpt, log)
     if p is not None and found is None and (p / "model.pt").is_file():

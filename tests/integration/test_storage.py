@@ -187,6 +187,32 @@ def test_no_write_permission(tmp_path, monkeypatch):
         server.stop()
 
 
+def test_commands_that_read_a_run_in_storage_fail_in_one_line(s3_env, tmp_path):
+    """watch, report, export (generate and eval load the same way) and trainer.resume: a bucket or
+    path that is not there, an endpoint that does not answer: one line each, not a traceback."""
+    from tests.helpers import one_error_line, sheepop
+
+    bucket = s3_env.bucket("read-check")
+    nope = f"s3://{bucket}/runs/nope"
+    for args, needle in [
+        (["watch", "s3://no-such-bucket/runs/x"], "RUN_DIR=s3://no-such-bucket/runs/x: bucket 'no-such-bucket' does not exist"),
+        (["report", nope], f"RUN_DIR={nope}: nothing there in the bucket"),
+        (["export", f"run.dir={nope}", "format=pt", f"out={tmp_path}/m.pt"], f"run.dir={nope}: nothing there"),
+        (["train", "model=tiny", f"run.dir={tmp_path}/run", f"trainer.resume={nope}"], f"trainer.resume={nope}: nothing there"),
+    ]:
+        assert needle in one_error_line(sheepop(*args))
+    r = sheepop("watch", nope, env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})  # discard port: nothing listens
+    assert "cannot reach the S3 endpoint http://127.0.0.1:9" in one_error_line(r)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_refusals_name_the_reason_in_a_few_words():
+    msg = "AWS Error ACCESS_DENIED during HeadObject operation: InvalidAccessKeyId: the key id does not exist"
+    assert storage._refusal(msg, "read").startswith("the credentials were refused")
+    assert storage._refusal("AWS Error ACCESS_DENIED during PutObject: Access Denied", "write") == \
+        "no write permission (Access Denied)"
+
+
 def test_writable_locations_pass(s3_env, tmp_path):
     storage.check_writable(str(tmp_path / "new" / "dir"), "run.dir")
     storage.check_writable(f"s3://{s3_env.bucket('fine-bucket')}/runs", "cluster.storage_path")
