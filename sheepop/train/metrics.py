@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from sheepop import perf, storage
 from sheepop.config import Config, redact
+from sheepop.errors import UserError
 
 # metrics.jsonl key → W&B key
 WANDB_KEYS = {
@@ -47,9 +48,13 @@ def wandb_key(key: str) -> str | None:
 
 
 def wandb_mode(mode: str) -> str:
-    """auto → online when a W&B key is configured (env or netrc), else offline."""
+    """auto → W&B's own WANDB_MODE when it is set (a user's `WANDB_MODE=offline` holds with a key
+    present), else online when a W&B key is configured (env or netrc), else offline."""
     if mode != "auto":
         return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -138,12 +143,18 @@ class MetricsSink:
             self.wandb_id = id_file.read_text().strip() or None
         self.wandb_id = self.wandb_id or uuid.uuid4().hex[:8]
         id_file.write_text(self.wandb_id)
-        self.wandb = wandb.init(
-            id=self.wandb_id, resume="allow", mode=wandb_mode(lg.mode),
-            project=lg.project, entity=lg.entity, group=lg.group,
-            tags=list(lg.tags or []), name=cfg.run.name, dir=str(self.run_dir),
-            config=redact(cfg),
-        )
+        mode = wandb_mode(lg.mode)
+        try:
+            self.wandb = wandb.init(
+                id=self.wandb_id, resume="allow", mode=mode,
+                project=lg.project, entity=lg.entity, group=lg.group,
+                tags=list(lg.tags or []), name=cfg.run.name, dir=str(self.run_dir),
+                config=redact(cfg),
+            )
+        except Exception as e:  # wandb raises CommError, UsageError, AuthenticationError, ...
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise UserError(f"W&B ({mode}) did not start: {first}; logger.mode=offline logs to run.dir/wandb "
+                            f"(wandb sync uploads it later), logger=none turns W&B off") from None
         # Steps only go forward in a W&B run. Online, W&B tells where the resumed run's history
         # stops, and steps re-run after a failure (since the last checkpoint) are not sent twice.
         # Offline, each process writes its own file and cannot know what an earlier one holds (a
