@@ -589,6 +589,25 @@ def _fsspec_knows(scheme: str) -> bool:
         return False
 
 
+def wandb_mode(mode: str) -> str:
+    """auto → W&B's own WANDB_MODE when it is set (a user's `WANDB_MODE=offline` holds with a key
+    present), else online when a W&B key is configured (env or netrc), else offline."""
+    if mode != "auto":
+        return mode
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env == "dryrun" else env
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
 def grad_accum_dtype(mode: str, setting: str, zero_stage: int) -> str:
     """What gradients accumulate in across micro-batches (and are reduced in), fp32 or bf16, for a
     precision mode (bf16, bf16-autocast, fp32: engine.precision_mode) and trainer.grad_accum_dtype.

@@ -47,9 +47,12 @@ EXCLUDES = [
     ".aws/", ".ssh/", ".gnupg/", ".kube/", ".config/gcloud/", ".docker/", ".ray/",
 ]
 
-# Forwarded when set in the submitter's environment; `--env NAME` adds more.
-DEFAULT_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "HF_TOKEN",
+# Forwarded when set in the submitter's environment; `--env NAME` adds more. The W&B key only when
+# a job logs to W&B online: a forwarded value lands in Ray's job table and its runtime-env agent's
+# log on the head node (docs/cluster.md), so it goes nowhere it is not needed.
+DEFAULT_FORWARD = ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT",
                    "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")  # where object storage is, not who may use it
+SECRETS = ("WANDB_API_KEY",)  # of DEFAULT_FORWARD: forwarded only where a job needs it (forwarded_env)
 
 # Job state → exit code of `status`, `logs --follow`, `submit --follow`.
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -214,7 +217,7 @@ def plan_jobs(overrides: list[str], multirun: bool, force: bool = False) -> list
     each gets `<run.dir>/<n>`, like Hydra's multirun subdirectories.
     """
     from sheepop.compat import hydra_escape
-    from sheepop.config import compose
+    from sheepop.config import compose, wandb_mode
 
     jobs = []
     for job_overrides in expand(overrides, multirun):
@@ -230,7 +233,8 @@ def plan_jobs(overrides: list[str], multirun: bool, force: bool = False) -> list
             fits, message = check_fits(cfg)  # the same check as `sheepop plan`
             if not fits:
                 raise UserError(f"{message} (--force submits anyway)")
-        jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys,
+        online = cfg.logger.kind == "wandb" and wandb_mode(cfg.logger.mode) == "online"
+        jobs.append({"overrides": base, "run_dir": str(cfg.run.dir), "keys": keys, "wandb_online": online,
                      "storage": (cfg.cluster.storage_path, cfg.run.name) if cfg.cluster.storage_path else None})
     dirs = [j["run_dir"] for j in jobs]
     if len(set(dirs)) < len(dirs):
@@ -388,9 +392,10 @@ def default_working_dir() -> Path:
     return conf_dir().parent
 
 
-def forwarded_env(names: list[str]) -> dict[str, str]:
-    """Values of the named variables from this environment; a named one that is unset fails."""
-    env = {k: os.environ[k] for k in DEFAULT_FORWARD if k in os.environ}
+def forwarded_env(names: list[str], wandb_online: bool = True) -> dict[str, str]:
+    """Values of the named variables from this environment; a named one that is unset fails.
+    wandb_online: some job logs to W&B online (else its key is not forwarded unless named)."""
+    env = {k: os.environ[k] for k in DEFAULT_FORWARD if k in os.environ and (wandb_online or k not in SECRETS)}
     for name in names:
         if not name.replace("_", "").isalnum() or name[0].isdigit():
             raise UserError(f"--env {name}: expected an environment variable NAME (its value is read from "
@@ -448,7 +453,7 @@ def submit_main(argv: list[str]) -> int:
         raise UserError(f"--working-dir={wd}: no such directory")
     excludes = EXCLUDES + list(args.exclude)
     files = check_upload(wd, excludes)  # too large, or a credential in a file: fails here
-    env = forwarded_env([n for arg in args.env for n in arg.split(",") if n])
+    env = forwarded_env([n for arg in args.env for n in arg.split(",") if n], any(j["wandb_online"] for j in jobs))
     renv = runtime_env(wd, excludes, env, args.stop_grace)
     print(f"working dir {wd}: {len(files)} files, {_mib(sum(s for _, s in files))}; "
           f"forwarding env: {', '.join(sorted(env)) or 'none'}")

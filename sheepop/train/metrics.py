@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from sheepop import perf, storage
-from sheepop.config import Config, redact
+from sheepop.config import Config, redact, wandb_mode
 from sheepop.errors import UserError
 
 # metrics.jsonl key → W&B key
@@ -45,25 +45,6 @@ def wandb_key(key: str) -> str | None:
         if key.startswith(prefix):
             return to + key[len(prefix):]
     return None
-
-
-def wandb_mode(mode: str) -> str:
-    """auto → W&B's own WANDB_MODE when it is set (a user's `WANDB_MODE=offline` holds with a key
-    present), else online when a W&B key is configured (env or netrc), else offline."""
-    if mode != "auto":
-        return mode
-    env = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env in ("online", "offline", "disabled", "dryrun"):
-        return "offline" if env == "dryrun" else env
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
 
 
 WANDB_ID_FILE = "wandb_id"  # in run.dir: the W&B run this run dir logs to

@@ -133,3 +133,18 @@ def test_dry_run_lists_every_file_it_would_upload_before_the_entrypoint(tmp_path
     assert (sizes["train.py"], sizes["conf/a b.yaml"], sizes["notes/big.txt"]) == ("10 B", "0 B", "2.9 KiB")
     assert lines[1 + len(files):] == ["python -m sheepop.cli train cluster=ray model=tiny "
                                       "run.dir=/tmp/sheepop-never-written"]
+
+
+def test_the_wandb_key_is_forwarded_only_to_jobs_that_log_to_wandb_online(tmp_path):
+    """A forwarded value lands in Ray's job table and its runtime-env agent's log on the head node:
+    the key goes only where a job needs it (a named --env still forwards it)."""
+    (tmp_path / "wd").mkdir()
+    env = {"WANDB_API_KEY": "k" * 40, "WANDB_MODE": "", "NETRC": str(tmp_path / "no-netrc")}
+    common = ["submit", "--dry-run", "--working-dir", str(tmp_path / "wd"), "model=tiny", "run.dir=/tmp/never"]
+    for overrides, named, forwarded in [(["logger=wandb", "logger.mode=offline"], [], False),
+                                        (["logger=none"], [], False),
+                                        (["logger=wandb"], [], True),  # auto with a key: online
+                                        (["logger=none"], ["--env", "WANDB_API_KEY"], True)]:
+        r = sheepop(*common[:2], *named, *common[2:], *overrides, env=env)
+        assert r.returncode == 0, r.stderr
+        assert ("WANDB_API_KEY" in r.stdout.splitlines()[0]) is forwarded, (overrides, r.stdout.splitlines()[0])

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from sheepop.config import compose
+from sheepop.config import compose, wandb_mode
 from sheepop.errors import UserError
-from sheepop.train.metrics import MetricsSink, wandb_mode
+from sheepop.train.metrics import MetricsSink
 
 
 def test_auto_mode_follows_wandb_mode_then_the_key(monkeypatch, tmp_path):
