@@ -99,3 +99,30 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_line_not_silently(run, tm
     r = sheepop("export", f"run.dir={copy}", "format=pt", f"out={tmp_path / 'model.pt'}")
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"skipping checkpoint {ckpts / 'step_000020'}: " in r.stderr and "step 10" in r.stdout
+
+
+def test_export_to_object_storage_uploads_and_keeps_its_refusals(run, s3, tmp_path, monkeypatch):
+    """out=s3://...: written locally, then uploaded (it wrote a local folder named 's3:' before);
+    an existing export needs --force, and --force leaves no file of the earlier export behind."""
+    from sheepop import storage
+
+    env = s3.env()
+    bucket = s3.bucket("exports")
+    hf = f"s3://{bucket}/small/hf"
+    r = sheepop("export", f"run.dir={run}", "format=hf", f"out={hf}", env=env, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith(f"wrote {hf} "), r.stderr[-2000:]
+    assert not (tmp_path / "s3:").exists()
+    names = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # this process reads the bucket too
+    storage._fs_cache.clear()
+    storage.write_text(f"{hf}/stale.txt", "from an earlier export")
+    assert names <= set(storage.sizes(hf))
+    assert "already exists; pass --force" in one_error_line(sheepop("export", f"run.dir={run}", "format=hf",
+                                                                    f"out={hf}", env=env))
+    r = sheepop("export", f"run.dir={run}", "format=hf", f"out={hf}", "--force", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert names <= set(storage.sizes(hf)) and "stale.txt" not in storage.sizes(hf)
+    r = sheepop("export", f"run.dir={run}", "format=pt", f"out=s3://{bucket}/small/pt/weights.pt", env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(storage.sizes(f"s3://{bucket}/small/pt")) == {"weights.pt", "tokenizer.json"}
