@@ -73,7 +73,7 @@ def local_dir(out_dir: str | Path) -> Path:
     return storage.cache_dir(out_dir) if storage.is_uri(out_dir) else Path(out_dir)
 
 
-def prepare(cfg, log=print, progress: bool | None = None) -> dict:
+def prepare(cfg, log=print, progress: bool | None = None, _check: bool = True) -> dict:
     """Prepare data.* with tokenizer.* of a Config into data.out_dir (or reuse it); returns the manifest.
 
     data.out_dir may be an object-store URI: the data is prepared in the local cache and uploaded,
@@ -85,7 +85,8 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
     if storage.is_uri(cfg["data"]["out_dir"]):
         return _prepare_in_storage(cfg, log, progress)
     out = Path(cfg["data"]["out_dir"]).expanduser()
-    check_out_dir(cfg)
+    if _check:  # not for the local cache of a data.out_dir in storage: sheepop's own folder
+        check_out_dir(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     fp = fingerprint(cfg)
     with FileLock(str(out) + ".lock"):
@@ -117,14 +118,22 @@ def prepare(cfg, log=print, progress: bool | None = None) -> dict:
 
 
 def check_out_dir(cfg) -> None:
-    """Refuse, before any work, a local data.out_dir that preparing would wrongly replace: a file,
-    a folder of other files (no manifest.json: preparing replaces the whole folder), or one that
-    is or holds the inputs."""
+    """Refuse, before any work, a data.out_dir that preparing would wrongly replace: a file, a folder
+    of other files (no manifest.json: preparing replaces the whole folder), one that is or holds the
+    inputs; in object storage a bucket's root or a prefix of other objects."""
     from sheepop import output_paths
 
     cfg = _plain(cfg)
     raw = cfg["data"]["out_dir"]
-    if storage.is_uri(raw):
+    if storage.is_uri(raw):  # a prefix of other objects (preparing writes its shards among them)
+        uri = storage.normalize(raw)
+        if "/" not in uri.split("://", 1)[1].strip("/"):
+            raise UserError(f"data.out_dir={raw}: a bucket's root; give a prefix inside it (e.g. {uri.rstrip('/')}/data/NAME)")
+        names = storage.listdir(uri)
+        other = [n for n in names if not _ours(n)]  # an interrupted upload leaves only ours
+        if other and "manifest.json" not in names:
+            raise UserError(f"data.out_dir={raw} holds other objects ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                            f"but no manifest.json: it is not prepared data; give a new or empty prefix")
         return
     inputs = ((ingest.stdlib_root(),) if cfg["data"]["source"] == "stdlib"
               else tuple(_literal_root(str(p)) for p in cfg["data"].get("paths") or ()))
@@ -133,6 +142,13 @@ def check_out_dir(cfg) -> None:
     if out.is_dir() and not (out / "manifest.json").is_file() and any(out.iterdir()):
         raise UserError(f"data.out_dir={raw} holds files that are not prepared data (no manifest.json), and "
                         f"preparing replaces the whole folder; give a new or empty folder")
+
+
+def _ours(name: str) -> bool:
+    """A file name that preparing writes into data.out_dir."""
+    import re
+
+    return name in ("manifest.json", "tokenizer.json") or re.fullmatch(r"(train|val)_\d+\.bin", name) is not None
 
 
 def _literal_root(spec: str) -> Path:
@@ -144,6 +160,7 @@ def _literal_root(spec: str) -> Path:
 
 def _prepare_in_storage(cfg: dict, log, progress) -> dict:
     uri = storage.normalize(cfg["data"]["out_dir"])
+    check_out_dir(cfg)
     fp = fingerprint(cfg)
     try:
         found = json.loads(storage.read_text(storage.join(uri, "manifest.json")))
@@ -154,7 +171,7 @@ def _prepare_in_storage(cfg: dict, log, progress) -> dict:
     except (OSError, ValueError):
         pass
     local = local_dir(uri)
-    manifest = prepare({**cfg, "data": {**cfg["data"], "out_dir": str(local)}}, log, progress)
+    manifest = prepare({**cfg, "data": {**cfg["data"], "out_dir": str(local)}}, log, progress, _check=False)
     files = ["tokenizer.json"] + [s["file"] for sp in manifest["splits"].values() for s in sp["shards"]]
     log(f"uploading {len(files)} files to {uri}")
     storage.upload(local, uri, files)

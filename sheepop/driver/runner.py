@@ -55,14 +55,14 @@ def preflight(cfg: Config) -> str | None:
                             f"cluster.num_workers <= {max(1, have // per)}, or cluster=ray on a bigger cluster")
     storage.check_writable(cfg.run.dir, "run.dir")
     check_run_dir(cfg)
-    if not cfg.data.mixture:  # a local data.out_dir that preparing would wrongly replace
-        from sheepop.data.shards import check_out_dir
-
-        check_out_dir(cfg)
     if c.storage_path:
         storage.check_writable(c.storage_path, "cluster.storage_path")
     if storage.is_uri(cfg.data.out_dir) and not cfg.data.mixture:  # a mixture prepares nothing: only reads its sources
         storage.check_writable(storage.normalize(cfg.data.out_dir), "data.out_dir")
+    if not cfg.data.mixture:  # a data.out_dir that preparing would wrongly replace
+        from sheepop.data.shards import check_out_dir
+
+        check_out_dir(cfg)
     if c.kind in ("process", "local"):  # every rank writes on this machine: room for one checkpoint?
         ckpt_root = checkpoint.root(cfg)
         where = checkpoint.staging_dir(cfg) if storage.is_uri(ckpt_root) else storage.local_path(ckpt_root)

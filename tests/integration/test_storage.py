@@ -259,3 +259,15 @@ def test_data_prepared_again_at_the_same_uri_is_not_read_from_a_stale_cache(s3_e
         out = verify_prepared(uri, manifest, where="this node")
         assert out == local_dir(uri)
         assert np.fromfile(out / "train_000.bin", dtype=np.uint16).tolist() == [token] * 64
+
+
+def test_a_data_out_dir_in_storage_that_is_a_bucket_root_or_holds_other_objects_is_refused(s3_env, tmp_path):
+    from tests.helpers import one_error_line, sheepop
+
+    bucket = s3_env.bucket("precious")
+    storage.write_text(f"s3://{bucket}/notes/important.txt", "keep me")
+    for out, needle in [(f"s3://{bucket}", "a bucket's root; give a prefix inside it"),
+                        (f"s3://{bucket}/notes", "holds other objects (important.txt) but no manifest.json")]:
+        r = sheepop("prepare", "model=tiny", f"data.out_dir={out}")
+        assert f"data.out_dir={out}" in one_error_line(r) and needle in r.stderr
+    assert storage.listdir(f"s3://{bucket}/notes") == ["important.txt"]
