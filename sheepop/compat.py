@@ -8,6 +8,8 @@ Nothing outside this module reaches into a library's private API.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import socket
@@ -188,6 +190,24 @@ RAY_LOCAL_TRAIN_ENV = {
     "RAY_enable_worker_prestart": "0",
     "RAY_prestart_worker_first_driver": "0",
 }
+
+
+@contextlib.contextmanager
+def keep_sigterm_handler():
+    """ray.init (2.60, worker.py) replaces the process's SIGTERM handler with `sys.exit(15)`: a
+    SIGTERM between Ray's start and training would end the driver silently. The handler in place
+    before (sheepop.cli's, then the stop forwarder's) comes back once Ray has started."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def ray_torch_trainer(local: bool):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gc
 import importlib
+import signal
 import sys
+import threading
 
 from sheepop.errors import UserError
 
@@ -73,16 +75,34 @@ def _command(argv: list[str] | None) -> int:
         return 2
     target, _ = COMMANDS[name]
     module, func = target.split(":")
+    if name == "train" and threading.current_thread() is threading.main_thread():
+        # Until training installs its own handlers (every rank saves, then stops), a SIGTERM (a
+        # scheduler, `kill`) ends start-up with a line like Ctrl-C's, not silently.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         fn = getattr(importlib.import_module(module), func)
         code = fn(rest)
     except UserError as e:
         print(f"sheepop {name}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except (Terminated, SystemExit) as e:
+        if isinstance(e, SystemExit) and not (name == "train" and e.code == signal.SIGTERM):
+            raise
+        # SystemExit(15): ray.init's own SIGTERM handler, in place while it starts a local Ray
+        print(f"sheepop {name}: SIGTERM received; stopped (no step was being trained, nothing to save)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"sheepop {name}: interrupted", file=sys.stderr)
         return 130
     return int(code or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training: unwinds like Ctrl-C (finally blocks run: a local Ray is shut down)."""
+
+
+def _terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -84,10 +84,15 @@ def environ_set(env: dict[str, str]):
 
 def start_ray(cfg: Config, console: Console) -> bool:
     """Start (kind=local) or join (kind=ray) a Ray cluster; returns True when we started it."""
-    import ray
-
     c = cfg.cluster
     env = worker_env(elastic=elastic(cfg))
+    with compat.keep_sigterm_handler():
+        return _start_ray(cfg, console, c, env)
+
+
+def _start_ray(cfg: Config, console: Console, c, env: dict) -> bool:
+    import ray
+
     # log_to_driver=False: the Train controller's and workers' chatter stays in Ray's logs and in
     # run.dir/logs/ (sheepop.logs); the user sees sheepop's lines and, on failure, the error.
     if c.kind == "local":

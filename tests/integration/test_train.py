@@ -172,6 +172,25 @@ def test_a_second_start_in_a_run_dir_in_use_is_refused_and_the_stopped_run_says_
     assert "x[i] = d[/key] " in out, out
 
 
+def test_sigterm_before_training_ends_start_up_with_a_line(tmp_path):
+    """A SIGTERM while the data is still being prepared (no step to save): one line, exit 143,
+    not a silent death (the preparation's work folder stays, to be resumed)."""
+    run = tmp_path / "r"
+    p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train", "model=tiny", "trainer=quick", "cluster=process",
+                          "logger=none", f"run.dir={run}", "data.max_bytes=3000000",
+                          f"data.out_dir={tmp_path / 'fresh-data'}"],
+                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().startswith("sheepop run → "), p.stderr.read()  # preparing from here on
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=300)
+    finally:
+        p.kill()
+    assert p.returncode == 143 and err.strip() == ("sheepop train: SIGTERM received; stopped (no step was being "
+                                                   "trained, nothing to save)"), (p.returncode, err[-3000:])
+    assert not (run / "config.yaml").exists() and not (tmp_path / "fresh-data" / "manifest.json").exists()
+
+
 def test_refused_resumes_leave_existing_checkpoints_untouched(tmp_path):
     run = tmp_path / "r"
     assert sheepop("train", *tiny_overrides(run, "trainer.max_steps=3", "trainer.save_every=2", *FP32)).returncode == 0
