@@ -347,7 +347,7 @@ def check_writable(location: str, setting: str) -> None:
             fs.delete_file(target)
             outcome.append(None)
         except Exception as e:  # pyarrow raises OSError with the SDK's message
-            outcome.append(UserError(f"{setting}={location}: {_refusal(str(e), 'write')}"))
+            outcome.append(UserError(f"{setting}={location}: {refusal(str(e), 'write')}"))
 
     t = threading.Thread(target=probe_write, daemon=True)
     t.start()
@@ -359,8 +359,10 @@ def check_writable(location: str, setting: str) -> None:
         raise outcome[0]
 
 
-def _refusal(msg: str, what: str) -> str:
+def refusal(msg: str, what: str) -> str:
     """The reason in an object store's error message, in a few words."""
+    if "NETWORK_CONNECTION" in msg or "curlCode" in msg or "Could not connect" in msg:
+        return "the storage endpoint did not answer"
     if "INVALID_ACCESS_KEY" in msg or "InvalidAccessKeyId" in msg or "SIGNATURE" in msg.upper() \
             or "credential" in msg.lower():
         return "the credentials were refused (check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
@@ -399,7 +401,7 @@ def check_readable(location: str, setting: str) -> None:
             else:
                 outcome.append(None)
         except Exception as e:  # pyarrow raises OSError with the SDK's message
-            outcome.append(UserError(f"{setting}={location}: {_refusal(str(e), 'read')}"))
+            outcome.append(UserError(f"{setting}={location}: {refusal(str(e), 'read')}"))
 
     t = threading.Thread(target=probe_read, daemon=True)
     t.start()

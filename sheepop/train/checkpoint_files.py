@@ -146,8 +146,18 @@ def upload(local_dir: Path, ckpt: str, beside_training: bool = False) -> None:
     yield_cpu = beside_training and storage.is_uri(ckpt)  # a local copy is cheap: left as it is
     if yield_cpu and sys.platform == "linux":  # PRIO_PROCESS with a thread id is this thread on Linux only
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    storage.upload(local_dir, ckpt, [f for f in files if f not in markers], in_this_thread=yield_cpu)
-    storage.upload(local_dir, ckpt, markers, in_this_thread=yield_cpu)
+    try:
+        storage.upload(local_dir, ckpt, [f for f in files if f not in markers], in_this_thread=yield_cpu)
+        storage.upload(local_dir, ckpt, markers, in_this_thread=yield_cpu)
+    except OSError as e:
+        if not storage.is_uri(ckpt):
+            raise
+        from sheepop.errors import UserError
+
+        # One line for the user; the checkpoint stays incomplete (no manifest), so no resume takes it.
+        raise UserError(f"checkpoint {ckpt}: upload failed ({storage.refusal(str(e), 'write')}); the newest complete "
+                        f"checkpoint stays the resume point: trainer.resume=auto continues from it once the "
+                        f"storage answers again") from None
 
 
 def localize(ckpt: str, rank: int | None = None) -> Path:

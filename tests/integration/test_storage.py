@@ -208,8 +208,8 @@ def test_commands_that_read_a_run_in_storage_fail_in_one_line(s3_env, tmp_path):
 
 def test_refusals_name_the_reason_in_a_few_words():
     msg = "AWS Error ACCESS_DENIED during HeadObject operation: InvalidAccessKeyId: the key id does not exist"
-    assert storage._refusal(msg, "read").startswith("the credentials were refused")
-    assert storage._refusal("AWS Error ACCESS_DENIED during PutObject: Access Denied", "write") == \
+    assert storage.refusal(msg, "read").startswith("the credentials were refused")
+    assert storage.refusal("AWS Error ACCESS_DENIED during PutObject: Access Denied", "write") == \
         "no write permission (Access Denied)"
 
 
@@ -271,3 +271,37 @@ def test_a_data_out_dir_in_storage_that_is_a_bucket_root_or_holds_other_objects_
         r = sheepop("prepare", "model=tiny", f"data.out_dir={out}")
         assert f"data.out_dir={out}" in one_error_line(r) and needle in r.stderr
     assert storage.listdir(f"s3://{bucket}/notes") == ["important.txt"]
+
+
+def test_storage_lost_mid_run_ends_it_in_one_line_and_the_last_complete_checkpoint_stays(tmp_path):
+    """A run whose object store goes away after its first checkpoint: the next upload fails, and
+    the run ends in one line naming the checkpoint and the way back (not a pyarrow traceback)."""
+    import subprocess
+    import sys
+
+    from sheepop.monitor.metrics_file import read_metrics
+    from tests.helpers import ROOT, tiny_overrides, wait_for
+
+    server = S3Server(tmp_path)  # this test's own: it is stopped mid-run
+    try:
+        bucket = server.bucket("goes-away")
+        run = tmp_path / "run"
+        p = subprocess.Popen([sys.executable, "-m", "sheepop.cli", "train",
+                              *tiny_overrides(run, "trainer.max_steps=100000", "trainer.save_every=3",
+                                              "trainer.eval_every=0", f"cluster.storage_path=s3://{bucket}/runs",
+                                              "run.name=r", "cluster.checkpoint_upload=sync")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, **server.env()})
+        try:
+            wait_for(lambda: any(e.get("event") == "checkpoint" for e in read_metrics(run)) or p.poll() is not None,
+                     300, "the first checkpoint")
+            server.stop()
+            out, err = p.communicate(timeout=300)
+        finally:
+            p.kill()
+    finally:
+        server.stop()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert f"checkpoint s3://{bucket}/runs/r/checkpoints/step_" in lines[0] and "upload failed (" in lines[0]
+    assert "trainer.resume=auto continues from it" in lines[0]
