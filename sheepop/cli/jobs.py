@@ -133,6 +133,10 @@ def connect(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as e:  # ConnectionError, version check, authentication
+        if "Authentication required" in str(e) or "authentication token" in str(e).lower():
+            raise UserError(f"--address={address}: the cluster wants Ray's token ({_first_line(e)}); export "
+                            f"RAY_AUTH_MODE=token, with the head node's ~/.ray/auth_token in this machine's "
+                            f"~/.ray/auth_token") from None
         raise UserError(f"--address={address}: not a Ray dashboard that accepts jobs ({_first_line(e)})") from None
 
 
@@ -568,6 +572,7 @@ def _quiet_ray_upload_logs() -> None:
     logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
     logging.getLogger("ray._private.runtime_env.packaging").setLevel(logging.WARNING)
     logging.getLogger("ray.dashboard.modules.dashboard_sdk").setLevel(logging.WARNING)
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # "WebSocket closed ..." at INFO
 
 
 def _follow(client, job_id: str, address: str) -> int:
