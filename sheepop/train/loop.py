@@ -167,6 +167,11 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
     # Which process is which rank (for `kill`, debuggers and the fault-tolerance test).
     _rank_status(run_dir, rank, pid=os.getpid(), host=socket.gethostname(), step=start_step, world_size=world,
                  attempt=state["attempt"], node=stop.node_id)
+    if rank == 0:  # a group smaller than an earlier attempt's: its extra ranks' files describe no process now
+        for folder in (run_dir, run_dir / "heartbeats"):
+            for stale in folder.glob("rank*.json"):
+                if stale.stem[4:].isdigit() and int(stale.stem[4:]) >= world:
+                    stale.unlink(missing_ok=True)
     sink.event("resume" if resume_dir else "start", step=start_step, world_size=world, attempt=state["attempt"],
                global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
                tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,

@@ -147,6 +147,8 @@ def test_drained_node_checkpoints_and_the_run_goes_on_on_the_other(two_nodes, s3
     resume = [e for e in rows if e.get("event") == "resume"][-1]
     assert resume["world_size"] == 1 and resume["global_batch"] == 8 and resume["grad_accum"] == 2
     assert resume["step"] == saved["step"] and resume["universal"] is True
+    # The one-worker group's rank 0 removed the files of the rank that is gone (they named a dead process).
+    assert not (run / "rank1.json").exists() and not (run / "heartbeats" / "rank1.json").exists()
     assert any(k.startswith(f"runs/drained/universal/step_{saved['step']:06d}/") for k in s3.keys(BUCKET, "runs/drained/"))
     steps, _ = latest_per_step(rows, "loss")
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] >= saved["step"] + 5
