@@ -58,7 +58,8 @@ def _before_exit() -> None:
 
 
 def _command(argv: list[str] | None) -> int:
-    if argv is None and sys.argv[1:2] == ["train"]:  # the program itself, not a call from Python code
+    program = argv is None  # the program itself, not a call from Python code
+    if program and sys.argv[1:2] == ["train"]:
         from sheepop.cpu_allocator import rerun_with_hugepages
 
         rerun_with_hugepages()  # glibc malloc on huge pages: runs this command again, once, before any import
@@ -75,7 +76,7 @@ def _command(argv: list[str] | None) -> int:
         return 2
     target, _ = COMMANDS[name]
     module, func = target.split(":")
-    if name == "train" and threading.current_thread() is threading.main_thread():
+    if name == "train" and program and threading.current_thread() is threading.main_thread():
         # Until training installs its own handlers (every rank saves, then stops), a SIGTERM (a
         # scheduler, `kill`) ends start-up with a line like Ctrl-C's, not silently.
         signal.signal(signal.SIGTERM, _terminated)

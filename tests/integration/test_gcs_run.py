@@ -62,7 +62,7 @@ def test_a_resume_from_a_missing_checkpoint_in_the_bucket_is_one_line(gcs, tmp_p
     r = sheepop("train", *args(tmp_path / "run", 6, f"trainer.resume=gs://{BUCKET}/runs/none", "run.name=g3"),
                 env=gcs.env())
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert f"trainer.resume=gs://{BUCKET}/runs/none: not a checkpoint" in r.stderr.strip().splitlines()[-1]
+    assert f"trainer.resume=gs://{BUCKET}/runs/none: nothing there in the bucket" in r.stderr.strip().splitlines()[-1]
 
 
 def _read(gcs, bucket: str, name: str) -> str:
