@@ -49,13 +49,15 @@ def library_logger_to(logger: logging.Logger, path: Path) -> None:
     rank shares the terminal with sheepop's own lines, so its fd-level redirect (`output_to`, what
     a Ray worker gets) cannot be used there: DeepSpeed's warnings would cross the live view."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for h in list(logger.handlers):
-        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+    for h in list(logger.handlers):  # the terminal's, and an earlier run's file (one process, several runs)
+        if type(h) is logging.StreamHandler or getattr(h, "sheepop_run_log", False):
             logger.removeHandler(h)
-    if not any(isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.absolute() for h in logger.handlers):
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"))
-        logger.addHandler(handler)
+            if getattr(h, "sheepop_run_log", False):
+                h.close()
+    handler = logging.FileHandler(path)
+    handler.sheepop_run_log = True
+    handler.setFormatter(logging.Formatter("[%(asctime)s] [%(levelname)s] [%(filename)s:%(lineno)d] %(message)s"))
+    logger.addHandler(handler)
 
 
 def copy_ray_session_logs(run_dir: str | Path) -> Path | None:
