@@ -306,8 +306,6 @@ def s3_credential_source() -> str | None:
 def check_writable(location: str, setting: str) -> None:
     """One UserError line, within CHECK_SECONDS, when a run could not write to `location`:
     unreachable endpoint, missing credentials, a bucket that does not exist, no write permission."""
-    import threading
-
     from sheepop.errors import UserError
 
     if not is_uri(location):
@@ -322,34 +320,48 @@ def check_writable(location: str, setting: str) -> None:
             raise UserError(f"{setting}={location}: cannot write there ({e.strerror or e}); "
                             f"valid: a writable folder{also}") from None
         return
-    u = urlparse(location)
+
+    def probe_write(fs, path: str) -> None:
+        target = f"{path}/.sheepop-write-check-{os.getpid()}"
+        with fs.open_output_stream(target) as f:
+            f.write(b"")
+        fs.delete_file(target)
+
+    _probe(location, setting, probe_write, "write", "create it first or fix the URI")
+
+
+def _probe(location: str, setting: str, probe, what: str, no_bucket: str) -> None:
+    """The object-store checks of check_writable/check_readable: the endpoint answers, credentials
+    exist, the bucket exists, then probe(fs, path) succeeds; one UserError line within
+    CHECK_SECONDS (the SDK's own retries can take minutes: the probe runs in a thread)."""
+    import threading
+
+    import pyarrow.fs as pafs
+
+    from sheepop.errors import UserError
+
     if endpoint(location):
         _check_reachable(location, setting)
-    if u.scheme == "s3":
-        if s3_credential_source() is None:
-            raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
-                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
+    if urlparse(location).scheme == "s3" and s3_credential_source() is None:
+        raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
+                        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
     outcome: list = []
 
-    def probe_write() -> None:
-        import pyarrow.fs as pafs
-
+    def run() -> None:
         try:
             fs, path = filesystem(location)
             bucket = path.split("/", 1)[0]
             if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                outcome.append(UserError(f"{setting}={location}: bucket '{bucket}' does not exist; "
-                                         "create it first or fix the URI"))
+                outcome.append(UserError(f"{setting}={location}: bucket '{bucket}' does not exist; {no_bucket}"))
                 return
-            target = f"{path}/.sheepop-write-check-{os.getpid()}"
-            with fs.open_output_stream(target) as f:
-                f.write(b"")
-            fs.delete_file(target)
+            probe(fs, path)
             outcome.append(None)
+        except UserError as e:
+            outcome.append(e)
         except Exception as e:  # pyarrow raises OSError with the SDK's message
-            outcome.append(UserError(f"{setting}={location}: {refusal(str(e), 'write')}"))
+            outcome.append(UserError(f"{setting}={location}: {refusal(str(e), what)}"))
 
-    t = threading.Thread(target=probe_write, daemon=True)
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(CHECK_SECONDS)
     if not outcome:
@@ -375,42 +387,18 @@ def check_readable(location: str, setting: str) -> None:
     """One UserError line, within CHECK_SECONDS, when `location` in object storage cannot be read:
     unreachable endpoint, missing or refused credentials, a bucket or a path that is not there.
     Local paths are left to the caller (each names its own files)."""
-    import threading
+    import pyarrow.fs as pafs
 
     from sheepop.errors import UserError
 
     if not is_uri(location):
         return
-    if endpoint(location):
-        _check_reachable(location, setting)
-    if urlparse(location).scheme == "s3" and s3_credential_source() is None:
-        raise UserError(f"{setting}={location}: no AWS credentials (set AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run where a role provides them)")
-    outcome: list = []
 
-    def probe_read() -> None:
-        import pyarrow.fs as pafs
+    def probe_read(fs, path: str) -> None:
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            raise UserError(f"{setting}={location}: nothing there in the bucket; fix the URI")
 
-        try:
-            fs, path = filesystem(location)
-            bucket = path.split("/", 1)[0]
-            if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-                outcome.append(UserError(f"{setting}={location}: bucket '{bucket}' does not exist; fix the URI"))
-            elif fs.get_file_info(path).type == pafs.FileType.NotFound:
-                outcome.append(UserError(f"{setting}={location}: nothing there in the bucket; fix the URI"))
-            else:
-                outcome.append(None)
-        except Exception as e:  # pyarrow raises OSError with the SDK's message
-            outcome.append(UserError(f"{setting}={location}: {refusal(str(e), 'read')}"))
-
-    t = threading.Thread(target=probe_read, daemon=True)
-    t.start()
-    t.join(CHECK_SECONDS)
-    if not outcome:
-        raise UserError(f"{setting}={location}: no answer within {CHECK_SECONDS:g} s"
-                        + (f" from {endpoint(location)}" if endpoint(location) else ""))
-    if outcome[0] is not None:
-        raise outcome[0]
+    _probe(location, setting, probe_read, "read", "fix the URI")
 
 
 def _check_reachable(location: str, setting: str) -> None:
