@@ -60,11 +60,14 @@ def _before_exit() -> None:
 def _command(argv: list[str] | None) -> int:
     program = argv is None  # the program itself, not a call from Python code
     if program and sys.argv[1:2] == ["train"]:
-        from sheepop.cpu_allocator import rerun_with_hugepages
+        from sheepop.cpu_allocator import rerun_with_training_malloc
 
-        rerun_with_hugepages()  # glibc malloc on huge pages: runs this command again, once, before any import
+        rerun_with_training_malloc()  # glibc malloc settings (sheepop.cpu_allocator): runs this command again, once, before any import
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # no command: usage where errors go, and a failing status (scripts notice)
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     name, rest = argv[0], argv[1:]

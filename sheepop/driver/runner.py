@@ -44,6 +44,10 @@ def preflight(cfg: Config) -> str | None:
     if c.min_workers and c.min_workers < c.num_workers and not cfg.trainer.global_batch_size:
         raise UserError(f"cluster.min_workers={c.min_workers} keeps the global batch when workers are lost: pin it "
                         "with trainer.global_batch_size (and trainer.grad_accum_steps=0)")
+    if cfg.parallelism.deepspeed:  # raw DeepSpeed keys: read by DeepSpeed's own parser now, not first in a rank
+        from sheepop.train.engine import check_deepspeed_config
+
+        check_deepspeed_config(cfg, batch_plan(cfg, c.num_workers))
     if c.kind == "ray":
         check_ray_address(c.address or os.environ.get("RAY_ADDRESS", ""))
     if c.kind == "local":  # this machine alone decides what a local Ray can place: say so before starting it

@@ -21,6 +21,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
 
 from sheepop.config import BatchPlan, Config, grad_accum_dtype  # noqa: E402
+from sheepop.errors import UserError  # noqa: E402
 from sheepop.net import free_port  # noqa: E402
 from sheepop.train import activation_checkpointing  # noqa: E402
 from sheepop.train import compilation  # noqa: E402
@@ -123,6 +124,64 @@ def deepspeed_config(cfg: Config, batch: BatchPlan) -> dict:
         ds["optimizer"] = {"type": "AdamW", "params": {
             "lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay}}
     return _merge(ds, p.deepspeed or {})
+
+
+class _KeysAskedFor(dict):
+    """A config dict that records the top-level keys DeepSpeed's parser asks for. DeepSpeed copies
+    it (copy.copy keeps the class and shares `asked`) and reads it with get/[]/in."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.asked: set[str] = set()
+
+    def get(self, key, default=None):
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.asked.add(key)
+        return super().__contains__(key)
+
+
+def check_deepspeed_config(cfg: Config, batch: BatchPlan) -> None:
+    """Raw `parallelism.deepspeed` keys, checked in the driver the way DeepSpeed's own parser reads
+    them: a top-level key it never asks for (DeepSpeed 0.19 ignores those silently) and a bad
+    nested one (its pydantic sections refuse unknown keys, but only once a rank builds its engine)
+    are one line here, before any worker starts."""
+    raw = cfg.parallelism.deepspeed or {}
+    if not raw:
+        return
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    ds = deepspeed_config(cfg, batch)
+    # The driver has no process group: DeepSpeed takes world size 1 here, so its batch check sees one rank's batch.
+    ds["train_batch_size"] = batch.micro_batch_size * batch.grad_accum_steps
+    parsed = _KeysAskedFor(ds)
+    level = ds_logger.level
+    ds_logger.setLevel("ERROR")  # its INFO lines (world size, config) are not the driver's to print
+    try:
+        DeepSpeedConfig(parsed)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        section = next((k for k, v in raw.items() if isinstance(v, dict) and str(err["loc"][0]) in v), None)
+        what = (f"not a key DeepSpeed {deepspeed.__version__} reads there" if err["type"] == "extra_forbidden"
+                else f"{err['msg']} (DeepSpeed {deepspeed.__version__}'s {e.title})")
+        raise UserError(f"parallelism.deepspeed.{section + '.' if section else ''}{where}: {what}") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        raise UserError(f"parallelism.deepspeed={raw}: DeepSpeed {deepspeed.__version__} refuses it: "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    finally:
+        ds_logger.setLevel(level)
+    unknown = sorted(set(raw) - parsed.asked)
+    if unknown:
+        raise UserError(f"parallelism.deepspeed.{unknown[0]}: not a key DeepSpeed {deepspeed.__version__} reads "
+                        "(it would be ignored); see https://www.deepspeed.ai/docs/config-json/")
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -6,7 +6,7 @@ import pytest
 
 from sheepop.config import BatchPlan, batch_plan, compose, group_options, to_dict
 from sheepop.errors import UserError
-from tests.helpers import ROOT, sheepop
+from tests.helpers import ROOT, TINY_DATA, one_error_line, sheepop
 
 
 def test_presets_compose_and_validate():
@@ -171,6 +171,8 @@ def test_a_rank_imports_no_curation_library():
 def test_help_lists_commands_and_config_groups():
     r = sheepop("--help")
     assert r.returncode == 0 and "train" in r.stdout and "prepare" in r.stdout and "generate" in r.stdout
+    bare = sheepop()  # no command at all: the same usage, but as an error
+    assert bare.returncode == 2 and "train" in bare.stderr and not bare.stdout
     r = sheepop("train", "--help")
     assert r.returncode == 0
     assert "model: gpt2-124m, llama-1b, llama-7b, small, tiny" in r.stdout
@@ -222,6 +224,27 @@ def test_raw_deepspeed_keys_merge_last_and_cannot_fight_what_sheepop_derives():
                       ("zero_optimization.stage=3", "parallelism.zero_stage")):
         with pytest.raises(UserError, match=f"set {ours} instead"):
             compose([*base, f"parallelism.deepspeed.{raw}"])
+
+
+def test_raw_deepspeed_keys_deepspeed_would_not_read_are_refused_before_any_worker(tmp_path):
+    """DeepSpeed 0.19 ignores a top-level key it does not know, and its pydantic sections refuse an
+    unknown nested key only when a rank builds its engine: the driver runs DeepSpeed's own parser."""
+    from sheepop.driver.runner import preflight
+
+    base = ["model=tiny", "cluster=process", f"run.dir={tmp_path / 'run'}", *TINY_DATA]
+    for raw, line in (("{wall_clok_breakdown: true}", "parallelism.deepspeed.wall_clok_breakdown: not a key DeepSpeed"),
+                      ("{zero_optimization: {overlap_com: true}}",
+                       "parallelism.deepspeed.zero_optimization.overlap_com: not a key DeepSpeed .* reads there"),
+                      ("{zero_optimization: {reduce_bucket_size: -3}}",
+                       "parallelism.deepspeed.zero_optimization.reduce_bucket_size: Input should be greater than 0")):
+        with pytest.raises(UserError, match=line):
+            preflight(compose([*base, "parallelism=zero2", f"parallelism.deepspeed={raw}"]))
+    # keys DeepSpeed reads pass, at the top level and nested
+    preflight(compose([*base, "parallelism=zero2", "parallelism.deepspeed={prescale_gradients: true, "
+                       "zero_optimization: {round_robin_gradients: true}, flops_profiler: {enabled: false}}"]))
+    cli = [*base[:2], f"run.dir={tmp_path / 'cli'}", *TINY_DATA]
+    line = one_error_line(sheepop("train", *cli, "parallelism.deepspeed={wall_clok_breakdown: true}"))
+    assert "parallelism.deepspeed.wall_clok_breakdown" in line and not (tmp_path / "cli").exists()
 
 
 def test_storage_uris_are_accepted():
