@@ -19,10 +19,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 WARMUP = 3
 
-from sheepop.cpu_allocator import rerun_with_hugepages  # noqa: E402
+from sheepop.cpu_allocator import rerun_with_training_malloc  # noqa: E402
 
 # torchrun's ranks inherit the malloc that `sheepop train` runs with (sheepop.cpu_allocator)
-rerun_with_hugepages()
+rerun_with_training_malloc()
 
 
 def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str) -> None:

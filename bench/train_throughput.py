@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 from contextlib import nullcontext
 
-from sheepop.cpu_allocator import hugepages_on, rerun_with_hugepages
+from sheepop.cpu_allocator import heap_only, hugepages_on, rerun_with_training_malloc
 
-rerun_with_hugepages()  # the plain loops get the malloc `sheepop train` runs with (sheepop.cpu_allocator)
+rerun_with_training_malloc()  # the plain loops get the malloc `sheepop train` runs with (sheepop.cpu_allocator)
 
 import torch  # noqa: E402
 
@@ -162,7 +162,8 @@ def main(argv):
           f"median of {o.get('rounds', 3)} interleaved rounds for the first three loops, "
           f"micro batch {micro} × seq {seq}, precision {eng.precision_mode(t.precision)} (plain PyTorch: "
           f"{'bf16 autocast' if eng.compute_dtype(t.precision) else 'fp32'}), {steps} timed steps, "
-          f"{torch.get_num_threads()} threads, malloc on huge pages: {'yes' if hugepages_on() else 'no'}")
+          f"{torch.get_num_threads()} threads, malloc: heap only {'yes' if heap_only() else 'no'}, "
+          f"huge pages {'yes' if hugepages_on() else 'no'}")
     print(f"{'loop':<32}{'step ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'vs plain':>10}{'vs fused':>10}")
     for name, secs in rows:
         print(f"{name:<32}{1000 * secs / steps:>10.0f}{tokens / secs:>12,.0f}{tokens / secs * fpt / 1e9:>10.1f}"

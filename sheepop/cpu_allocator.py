@@ -1,17 +1,24 @@
-"""glibc's malloc on transparent huge pages for `sheepop train` (Linux; matters for CPU training).
+"""glibc's malloc for `sheepop train`: memory kept for the next step, on huge pages (Linux; matters
+for CPU training).
 
 A CPU training step allocates and frees hundreds of MB of activations: `model=small`, micro 8
-takes ~99k page faults a step (~390 MB of fresh pages). glibc serves every block over its
-largest mmap threshold (32 MB) with a fresh mmap(), and the kernel faults in and zeroes those
-pages 4 kB at a time, on every step: ~17% of the process's CPU time was spent in the kernel.
-With glibc's tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35), malloc asks for transparent huge
-pages (madvise), 2 MB per fault: ~2-4k faults a step, and the step 8-20% faster
-(`bench/malloc_hugepages.py`).
-
+takes ~99k page faults a step (~390 MB of fresh pages). glibc serves every block over its mmap
+threshold (at most 32 MB) with a fresh mmap() and unmaps it on free, so the kernel faults in and
+zeroes those pages again on every step: ~17% of the process's CPU time was spent in the kernel.
+`sheepop train` adds to GLIBC_TUNABLES:
+  - glibc.malloc.mmap_max=0 and glibc.malloc.trim_threshold=4 GiB: every block comes from the
+    heap, and what a step frees stays there for the next one (the process keeps its peak: 6%
+    more resident memory for `model=small`). Steps 1.21x faster with cluster=process, 1.12x with
+    cluster=local (`bench/malloc_settings.py`). A thread other than the main one (a Ray Train
+    worker's training thread) allocates from a per-thread arena, whose heaps are at most 64 MB:
+    a larger block is still a fresh mmap() there (glibc has no tunable for it), which is why the
+    model's loss works on chunks of logits (sheepop.model.transformer.chunked_cross_entropy).
+  - glibc.malloc.hugetlb=1 (glibc >= 2.35, a kernel with transparent huge pages): what malloc
+    maps is madvised for 2 MB pages, 2 MB per fault where memory is still mapped fresh.
 Tunables are read when a process starts, so `sheepop train` runs itself again once, at its
-first line, with the tunable added; everything it starts (DeepSpeed, the local Ray and its
-workers) inherits it. A GLIBC_TUNABLES that already names glibc.malloc.hugetlb (any value, 0
-to turn this off) is left as it is.
+first line, with them added; everything it starts (DeepSpeed, the local Ray and its workers)
+inherits them. A GLIBC_TUNABLES that names any of them (or glibc.malloc.mmap_threshold) is the
+user's malloc setting and is left as it is: e.g. glibc.malloc.hugetlb=0 for glibc's defaults.
 """
 from __future__ import annotations
 
@@ -20,6 +27,10 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
+# Every block from the heap, and freed memory kept there (glibc >= 2.26 reads these as tunables).
+HEAP_ONLY = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={4 << 30}")
+# A GLIBC_TUNABLES naming one of these sets malloc up itself: sheepop adds nothing.
+USER_MALLOC = (TUNABLE, "glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never"
 
 
@@ -42,13 +53,15 @@ def thp_mode() -> str | None:
     return text[text.index("[") + 1:text.index("]")] if "[" in text else None
 
 
-def tunables_with_hugepages(tunables: str, glibc: tuple[int, int] | None, thp: str | None) -> str | None:
-    """The GLIBC_TUNABLES value to run with, or None when nothing is to change: the tunable is
-    set already (the user's choice), this glibc has no such tunable, or the kernel gives no
-    transparent huge pages."""
-    if TUNABLE in tunables or glibc is None or glibc < (2, 35) or thp not in ("always", "madvise"):
+def training_tunables(tunables: str, glibc: tuple[int, int] | None, thp: str | None) -> str | None:
+    """The GLIBC_TUNABLES value to run with, or None when nothing is to change: the user's value
+    names a malloc setting of its own, or the C library is not glibc >= 2.26. Huge pages only
+    where this glibc (>= 2.35) and the kernel have them."""
+    named = {item.split("=", 1)[0] for item in tunables.split(":") if item}
+    if named & set(USER_MALLOC) or glibc is None or glibc < (2, 26):
         return None
-    return f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+    added = [*HEAP_ONLY, *([f"{TUNABLE}=1"] if glibc >= (2, 35) and thp in ("always", "madvise") else [])]
+    return ":".join([tunables, *added] if tunables else added)
 
 
 def hugepages_on() -> bool:
@@ -56,10 +69,15 @@ def hugepages_on() -> bool:
     return f"{TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
-def rerun_with_hugepages() -> None:
+def heap_only() -> bool:
+    """Whether this process's malloc was started with every block from the heap (HEAP_ONLY)."""
+    return HEAP_ONLY[0] in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def rerun_with_training_malloc() -> None:
     """Replace this process (same pid, arguments and interpreter flags) with one whose malloc
     uses huge pages; returns only when there is nothing to change."""
-    value = tunables_with_hugepages(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
+    value = training_tunables(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
     if value is None or sys.platform != "linux":
         return
     sys.stdout.flush()

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sheepop import startup
-from sheepop.cpu_allocator import hugepages_on
+from sheepop.cpu_allocator import heap_only, hugepages_on
 from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
@@ -176,7 +176,7 @@ def _train(plan: RunPlan, rank: int, world: int, watchdog: HangWatchdog, report,
                global_batch=batch.global_batch_size, grad_accum=accum, micro_batch=micro,
                tokens_per_step=batch.tokens_per_step, flops_per_token=fpt,
                precision=eng.precision_mode(t_cfg.precision), cpu_threads=torch.get_num_threads(),
-               malloc_hugepages=hugepages_on(),
+               malloc_hugepages=hugepages_on(), malloc_heap_only=heap_only(),
                checkpoint=str(resume_dir) if resume_dir else None, universal=universal is not None,
                ray_checkpoint=str(ray_recorded) if ray_recorded else None,  # what Ray Train had recorded
                startup=startup.since(plan.startup["launch"], {**plan.startup, **startup.marks()})

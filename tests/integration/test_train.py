@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from sheepop.cpu_allocator import glibc_version, hugepages_on, thp_mode, tunables_with_hugepages
+from sheepop.cpu_allocator import HEAP_ONLY, TUNABLE, glibc_version, thp_mode, training_tunables
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
 from tests.helpers import ROOT, free_port, one_error_line, sheepop, tiny_overrides
 FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
 
-# Whether `sheepop train` can put malloc on huge pages on this host (sheepop.cpu_allocator).
-HUGEPAGES = hugepages_on() or tunables_with_hugepages(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(),
-                                                      thp_mode()) is not None
+# The malloc `sheepop train` runs with on this host (sheepop.cpu_allocator): sheepop's settings, or
+# the environment's own where it names a malloc setting.
+MALLOC = (training_tunables(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
+          or os.environ.get("GLIBC_TUNABLES", "")).split(":")
+HUGEPAGES, HEAP = f"{TUNABLE}=1" in MALLOC, HEAP_ONLY[0] in MALLOC
 
 
 def test_default_cluster_run_writes_every_artefact(tmp_path):
@@ -57,8 +59,8 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
     # The Ray worker trains on all of this machine's CPUs (Ray's own default would be one thread).
     assert start["cpu_threads"] == len(os.sched_getaffinity(0)), start
-    # sheepop train ran itself again with glibc's malloc on huge pages, and the Ray worker inherited it
-    assert start["malloc_hugepages"] is HUGEPAGES, (start, HUGEPAGES)
+    # sheepop train ran itself again with its malloc settings, and the Ray worker inherited them
+    assert (start["malloc_hugepages"], start["malloc_heap_only"]) == (HUGEPAGES, HEAP), (start, MALLOC)
     # The Ray started for the run holds the run's actors and no more (compat.ray_torch_trainer,
     # RAY_LOCAL_TRAIN_ENV): each other one would be a Python process started before the first step.
     actors = {line.split(":actor_name:")[1].strip() for f in (run / "logs" / "ray").glob("worker-*.out")
@@ -76,7 +78,8 @@ def test_tiny_model_learns(tmp_path):
     assert steps[0] == 0 and steps[-1] == 200
     assert val[-1] < 0.8 * val[0], val
     start = next(e for e in read_metrics(run) if e.get("event") == "start")
-    assert start["malloc_hugepages"] is HUGEPAGES, (start, HUGEPAGES)  # cluster=process: the CLI's own process
+    # cluster=process: the CLI's own process
+    assert (start["malloc_hugepages"], start["malloc_heap_only"]) == (HUGEPAGES, HEAP), (start, MALLOC)
     # The sample printed at the end comes from the trained checkpoint.
     assert (run / "sample.txt").read_text().startswith("def ")
 
