@@ -190,10 +190,29 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         for block in self.layers:
             x = block(x, cos, sin, cache, mask)
-        logits = self.head(self.norm(x))
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            return self.head(self.norm(x))
+        return chunked_cross_entropy(self.head, self.norm(x), targets)
+
+
+LOSS_CHUNK_BYTES = 1 << 25  # fp32 logits per chunk of the loss: 32 MiB
+
+
+def chunked_cross_entropy(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor,
+                          chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy of head(h) in fp32, a chunk of tokens at a time.
+
+    The same sum as one cross_entropy over all tokens; in chunks, no single tensor is the whole
+    batch's logits (micro 8 x 256 tokens x 8,192 vocab = 67 MB in fp32). A CPU process's malloc
+    keeps freed blocks of up to 64 MB for the next step on any thread, but maps a larger block
+    afresh on a thread other than the main one (a Ray Train worker's; sheepop.cpu_allocator):
+    `cluster=local` 454 -> 432 ms a step with `model=small` (bench/RESULTS.md). At least
+    1,024 tokens a chunk, so a large vocabulary (on a GPU) is not cut into many small matmuls."""
+    h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
+    chunk = chunk_tokens or max(1024, LOSS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    total = sum(F.cross_entropy(head(hc).float(), tc, ignore_index=-100, reduction="sum")
+                for hc, tc in zip(h.split(chunk), targets.split(chunk)))
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def num_params(args: ModelConfig, embedding: bool = True) -> int:

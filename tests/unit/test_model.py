@@ -4,7 +4,7 @@ import torch
 
 from sheepop.model.config import ModelConfig
 from sheepop.model.generate import generate
-from sheepop.model.transformer import KVCache, Transformer, num_params
+from sheepop.model.transformer import KVCache, Transformer, chunked_cross_entropy, num_params
 
 
 def _model(**kw):
@@ -42,6 +42,23 @@ def test_loss_is_cross_entropy_of_logits():
     y = torch.randint(0, 1024, (2, 16))
     ref = torch.nn.functional.cross_entropy(m(x).reshape(-1, 1024), y.reshape(-1))
     assert torch.allclose(m(x, y), ref)
+
+
+def test_the_loss_in_chunks_equals_one_cross_entropy_in_value_and_gradients():
+    """chunked_cross_entropy: the same mean (ignored targets excluded) and the same gradients as one
+    fp32 cross_entropy over all of the batch's logits, for chunks that do and do not divide it."""
+    m = _model()
+    torch.manual_seed(1)
+    h = torch.randn(3, 16, m.args.d_model, requires_grad=True)
+    y = torch.randint(0, 1024, (3, 16))
+    y[0, :5] = -100  # padding
+    ref = torch.nn.functional.cross_entropy(m.head(h).float().reshape(-1, 1024), y.reshape(-1), ignore_index=-100)
+    ref_grads = torch.autograd.grad(ref, [h, m.head.weight])
+    for chunk in (7, 16, 48, None):  # None: the default size, one chunk here
+        loss = chunked_cross_entropy(m.head, h, y, chunk_tokens=chunk)
+        grads = torch.autograd.grad(loss, [h, m.head.weight])
+        assert torch.allclose(loss, ref, atol=1e-6), chunk
+        assert all(torch.allclose(g, r, atol=1e-6) for g, r in zip(grads, ref_grads)), chunk
 
 
 @pytest.mark.parametrize("max_len", [24, 40])  # buffers exactly full, and roomier than needed
