@@ -76,7 +76,7 @@ def heap_only() -> bool:
 
 def rerun_with_training_malloc() -> None:
     """Replace this process (same pid, arguments and interpreter flags) with one whose malloc
-    uses huge pages; returns only when there is nothing to change."""
+    runs with training_tunables; returns only when there is nothing to change."""
     value = training_tunables(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
     if value is None or sys.platform != "linux":
         return
