@@ -6,13 +6,15 @@ takes ~99k page faults a step (~390 MB of fresh pages). glibc serves every block
 threshold (at most 32 MB) with a fresh mmap() and unmaps it on free, so the kernel faults in and
 zeroes those pages again on every step: ~17% of the process's CPU time was spent in the kernel.
 `sheepop train` adds to GLIBC_TUNABLES:
-  - glibc.malloc.mmap_max=0 and glibc.malloc.trim_threshold=4 GiB: every block comes from the
-    heap, and what a step frees stays there for the next one (the process keeps its peak: 6%
-    more resident memory for `model=small`). Steps 1.21x faster with cluster=process, 1.12x with
-    cluster=local (`bench/malloc_settings.py`). A thread other than the main one (a Ray Train
-    worker's training thread) allocates from a per-thread arena, whose heaps are at most 64 MB:
-    a larger block is still a fresh mmap() there (glibc has no tunable for it), which is why the
-    model's loss works on chunks of logits (sheepop.model.transformer.chunked_cross_entropy).
+  - glibc.malloc.mmap_max=0, glibc.malloc.trim_threshold=4 GiB and glibc.malloc.top_pad=64 MiB:
+    every block comes from the heap, and what a step frees stays there for the next one (the
+    process keeps its peak: ~6% more resident memory for `model=small`). A thread other than the
+    main one (a Ray Train worker's training thread) allocates from a per-thread arena, which grows
+    in heaps of at most 64 MB and unmaps a heap once it is empty unless top_pad is a heap's worth
+    (trim_threshold does not count there): without top_pad a Ray worker mapped and unmapped a
+    heap every step. A block over 64 MB is still a fresh mmap() on such a thread (glibc has no
+    tunable for it), which is why the model's loss works on chunks of logits
+    (sheepop.model.transformer.chunked_cross_entropy). `bench/malloc_settings.py` measures it.
   - glibc.malloc.hugetlb=1 (glibc >= 2.35, a kernel with transparent huge pages): what malloc
     maps is madvised for 2 MB pages, 2 MB per fault where memory is still mapped fresh.
 Tunables are read when a process starts, so `sheepop train` runs itself again once, at its
@@ -28,9 +30,10 @@ from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
 # Every block from the heap, and freed memory kept there (glibc >= 2.26 reads these as tunables).
-HEAP_ONLY = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={4 << 30}")
+HEAP_ONLY = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={4 << 30}", f"glibc.malloc.top_pad={64 << 20}")
 # A GLIBC_TUNABLES naming one of these sets malloc up itself: sheepop adds nothing.
-USER_MALLOC = (TUNABLE, "glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold")
+USER_MALLOC = (TUNABLE, "glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold",
+               "glibc.malloc.top_pad")
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never"
 
 

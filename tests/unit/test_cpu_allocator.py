@@ -9,8 +9,8 @@ from tests.helpers import ROOT
 
 
 def test_the_tunables_are_added_only_where_glibc_and_the_kernel_have_them():
-    heap = ":".join(HEAP_ONLY)  # glibc.malloc.mmap_max=0 and a 4 GiB trim threshold: freed memory stays for the next step
-    assert heap == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296"
+    heap = ":".join(HEAP_ONLY)  # no mmap, a 4 GiB trim threshold, a 64 MiB top pad: freed memory stays for the next step
+    assert heap == "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=4294967296:glibc.malloc.top_pad=67108864"
     assert training_tunables("", (2, 36), "madvise") == f"{heap}:{TUNABLE}=1"
     assert training_tunables("", (2, 35), "always") == f"{heap}:{TUNABLE}=1"
     # other tunables the user set are kept
@@ -23,7 +23,7 @@ def test_the_tunables_are_added_only_where_glibc_and_the_kernel_have_them():
     assert training_tunables("", None, "madvise") is None  # musl, macOS
     # a malloc setting of the user's own (hugetlb=0: glibc's defaults) stands, and nothing is added to it
     for own in (f"{TUNABLE}=0", f"{TUNABLE}=1", "glibc.malloc.mmap_max=65536", "glibc.malloc.trim_threshold=131072",
-                "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1048576"):
+                "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=1048576", "glibc.malloc.top_pad=0"):
         assert training_tunables(own, (2, 36), "madvise") is None, own
 
 
