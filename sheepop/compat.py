@@ -97,6 +97,24 @@ def fix_zero3_universal_load(engine, weight_decays: list) -> None:
             seen.add(id(step))
 
 
+# How long a process that used gloo waits, after its last collective, before the interpreter may
+# finalize. A gloo worker thread drops a finished collective (and the tensors it holds) only after the
+# caller has seen it complete. When that drop frees a tensor Python made, the thread takes the GIL; if
+# the interpreter is finalizing by then, the thread is made to exit, unwinds through a noexcept C++
+# destructor and the process aborts (SIGABRT, "terminate called without an active exception"). torch
+# 2.13; pytorch/pytorch#179291 describes it and was abandoned. Seen here: 1 in 14 runs of
+# tests/integration/test_plan.py's two ranks (core dump: ~AsyncAllgatherWork -> decref_pyobject ->
+# take_gil -> pthread_exit, main thread in Py_FinalizeEx). Sleeping hands those threads the GIL first.
+GLOO_DRAIN_S = 0.2
+
+
+def let_gloo_threads_finish() -> None:
+    """Call after the last collective (a barrier, so every earlier one has completed)."""
+    import time
+
+    time.sleep(GLOO_DRAIN_S)
+
+
 def deepspeed_shares_universal_step() -> bool:
     """Whether the installed DeepSpeed still has bug 2 of fix_zero3_universal_load (read from its source)."""
     import inspect
