@@ -196,6 +196,7 @@ class Transformer(nn.Module):
 
 
 LOSS_CHUNK_BYTES = 1 << 25  # fp32 logits per chunk of the loss: 32 MiB
+LOSS_CHUNK_MIN_TOKENS = 1024  # however large the vocabulary
 
 
 def chunked_cross_entropy(head: nn.Linear, h: torch.Tensor, targets: torch.Tensor,
@@ -209,7 +210,8 @@ def chunked_cross_entropy(head: nn.Linear, h: torch.Tensor, targets: torch.Tenso
     `cluster=local` 454 -> 432 ms a step with `model=small` (bench/RESULTS.md). At least
     1,024 tokens a chunk, so a large vocabulary (on a GPU) is not cut into many small matmuls."""
     h, targets = h.reshape(-1, h.size(-1)), targets.reshape(-1)
-    chunk = chunk_tokens or max(1024, LOSS_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    # out_features, not weight.shape: under ZeRO-3 an untied head's weight is an empty partition here
+    chunk = chunk_tokens or max(LOSS_CHUNK_MIN_TOKENS, LOSS_CHUNK_BYTES // (4 * head.out_features))
     total = sum(F.cross_entropy(head(hc).float(), tc, ignore_index=-100, reduction="sum")
                 for hc, tc in zip(h.split(chunk), targets.split(chunk)))
     return total / (targets != -100).sum().clamp(min=1)
