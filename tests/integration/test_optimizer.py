@@ -30,6 +30,7 @@ for stage in ("ddp", "zero2", "zero3"):
             engine.step()
             losses.append(loss.item())
         out[f"{stage}/{fused}"] = {"fused": adamw.defaults["fused"], "kind": type(adamw).__name__, "losses": losses}
+eng.shutdown()  # without it the process may abort at exit (sheepop.compat.let_gloo_threads_finish)
 print(json.dumps(out))
 '''
 

@@ -130,6 +130,7 @@ for preset in ("zero2", "zero3"):
     x = torch.randint(0, cfg.model.vocab_size, (2, 16))
     e.backward(e(x, x))
     e.step()
+eng.shutdown()  # without it the process may abort at exit (sheepop.compat.let_gloo_threads_finish)
 muon = sys.modules["deepspeed.runtime.zero.muon.muon_optimizer"]
 print("inductor", "torch._inductor.compile_fx" in sys.modules, "stand-in", "stand-in" in (muon.__doc__ or ""))
 """
