@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 WARMUP = 3
 
-from sheepop.cpu_allocator import rerun_with_training_malloc  # noqa: E402
+from sheepop.cpu_allocator import keep_freed_memory, rerun_with_training_malloc  # noqa: E402
 
 # torchrun's ranks inherit the malloc that `sheepop train` runs with (sheepop.cpu_allocator)
 rerun_with_training_malloc()
@@ -35,6 +35,7 @@ def ddp_worker(model_name: str, steps: int, micro: int, precision: str, out: str
     from sheepop.config import compose
     from sheepop.model.transformer import Transformer
 
+    keep_freed_memory()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = compose([f"model={model_name}", f"trainer.micro_batch_size={micro}", f"trainer.max_steps={steps}",

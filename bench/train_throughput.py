@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 from contextlib import nullcontext
 
-from sheepop.cpu_allocator import heap_only, hugepages_on, rerun_with_training_malloc
+from sheepop.cpu_allocator import heap_only, hugepages_on, keep_freed_memory, rerun_with_training_malloc
 
 rerun_with_training_malloc()  # the plain loops get the malloc `sheepop train` runs with (sheepop.cpu_allocator)
+keep_freed_memory()
 
 import torch  # noqa: E402
 

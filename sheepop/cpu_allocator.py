@@ -5,22 +5,26 @@ A CPU training step allocates and frees hundreds of MB of activations: `model=sm
 takes ~99k page faults a step (~390 MB of fresh pages). glibc serves every block over its mmap
 threshold (at most 32 MB) with a fresh mmap() and unmaps it on free, so the kernel faults in and
 zeroes those pages again on every step: ~17% of the process's CPU time was spent in the kernel.
-`sheepop train` adds to GLIBC_TUNABLES:
-  - glibc.malloc.mmap_max=0, glibc.malloc.trim_threshold=4 GiB and glibc.malloc.top_pad=64 MiB:
-    every block comes from the heap, and what a step frees stays there for the next one (the
-    process keeps its peak: ~6% more resident memory for `model=small`). A thread other than the
-    main one (a Ray Train worker's training thread) allocates from a per-thread arena, which grows
-    in heaps of at most 64 MB and unmaps a heap once it is empty unless top_pad is a heap's worth
-    (trim_threshold does not count there): without top_pad a Ray worker mapped and unmapped a
-    heap every step. A block over 64 MB is still a fresh mmap() on such a thread (glibc has no
-    tunable for it), which is why the model's loss works on chunks of logits
-    (sheepop.model.transformer.chunked_cross_entropy). `bench/malloc_settings.py` measures it.
+Two settings, each where it pays:
+  - keep_freed_memory(), called by `sheepop train`'s own process at its start (with cluster=process
+    it trains there), by each training process (sheepop.train.loop: a Ray worker) and by the
+    benches' plain loops: mallopt() with no mmap, a trim threshold of 2 GiB and a top pad of 64 MiB, so every
+    block comes from the heap and what a step frees stays there for the next one (the process keeps
+    its peak). A thread other than the main one (a Ray Train worker's training thread) allocates
+    from a per-thread arena, which grows in heaps of at most 64 MB and unmaps a heap once it is
+    empty unless the top pad is a heap's worth (the trim threshold does not count there). A block
+    over 64 MB is still a fresh mmap() on such a thread (glibc has no setting for it), which is why
+    the model's loss works on chunks of logits (sheepop.model.transformer.chunked_cross_entropy).
+    Only those processes: as glibc tunables, inherited by everything `sheepop train` starts (a
+    local Ray's helpers, Ray Data's workers), the same settings cost a `cluster=local` run of
+    `model=small` ~200-230 MB more memory (PSS) for no speed (bench/malloc_settings.py).
   - glibc.malloc.hugetlb=1 (glibc >= 2.35, a kernel with transparent huge pages): what malloc
-    maps is madvised for 2 MB pages, 2 MB per fault where memory is still mapped fresh.
-Tunables are read when a process starts, so `sheepop train` runs itself again once, at its
-first line, with them added; everything it starts (DeepSpeed, the local Ray and its workers)
-inherits them. A GLIBC_TUNABLES that names any of them (or glibc.malloc.mmap_threshold) is the
-user's malloc setting and is left as it is: e.g. glibc.malloc.hugetlb=0 for glibc's defaults.
+    maps is madvised for 2 MB pages. A tunable is read when a process starts, so `sheepop train`
+    runs itself again once, at its first line, with it added (rerun_with_training_malloc).
+The decision is made there, once: SHEEPOP_MALLOC=keep-freed (sheepop's settings) or glibc (left as
+it is), which every process of the run inherits or is forwarded (sheepop.driver.worker_env). A
+GLIBC_TUNABLES that names a malloc setting (USER_MALLOC) is the user's own and gets neither: e.g.
+glibc.malloc.hugetlb=0 for glibc's defaults. `bench/malloc_settings.py` measures it.
 """
 from __future__ import annotations
 
@@ -29,11 +33,14 @@ import sys
 from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb"
-# Every block from the heap, and freed memory kept there (glibc >= 2.26 reads these as tunables).
-HEAP_ONLY = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={4 << 30}", f"glibc.malloc.top_pad={64 << 20}")
 # A GLIBC_TUNABLES naming one of these sets malloc up itself: sheepop adds nothing.
 USER_MALLOC = (TUNABLE, "glibc.malloc.mmap_max", "glibc.malloc.trim_threshold", "glibc.malloc.mmap_threshold",
                "glibc.malloc.top_pad")
+DECISION = "SHEEPOP_MALLOC"  # keep-freed | glibc: decided once per run (rerun_with_training_malloc)
+# mallopt's parameters (malloc.h): every block from the heap, freed memory kept there. mallopt takes an
+# int, so the trim threshold is 2 GiB less a byte (as a tunable it was 4 GiB; either is "never").
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4
+KEEP_FREED = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, (1 << 31) - 1), (M_TOP_PAD, 64 << 20))
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")  # "always [madvise] never"
 
 
@@ -56,15 +63,16 @@ def thp_mode() -> str | None:
     return text[text.index("[") + 1:text.index("]")] if "[" in text else None
 
 
-def training_tunables(tunables: str, glibc: tuple[int, int] | None, thp: str | None) -> str | None:
-    """The GLIBC_TUNABLES value to run with, or None when nothing is to change: the user's value
-    names a malloc setting of its own, or the C library is not glibc >= 2.26. Huge pages only
-    where this glibc (>= 2.35) and the kernel have them."""
+def decide(tunables: str, glibc: tuple[int, int] | None, thp: str | None) -> tuple[str, str | None]:
+    """(SHEEPOP_MALLOC, the GLIBC_TUNABLES value to run with or None to keep it). glibc: left as it
+    is where the user's GLIBC_TUNABLES names a malloc setting or the C library is not glibc. Huge
+    pages only where this glibc (>= 2.35) and the kernel have them."""
     named = {item.split("=", 1)[0] for item in tunables.split(":") if item}
-    if named & set(USER_MALLOC) or glibc is None or glibc < (2, 26):
-        return None
-    added = [*HEAP_ONLY, *([f"{TUNABLE}=1"] if glibc >= (2, 35) and thp in ("always", "madvise") else [])]
-    return ":".join([tunables, *added] if tunables else added)
+    if named & set(USER_MALLOC) or glibc is None:
+        return "glibc", None
+    if glibc >= (2, 35) and thp in ("always", "madvise"):
+        return "keep-freed", ":".join([tunables, f"{TUNABLE}=1"] if tunables else [f"{TUNABLE}=1"])
+    return "keep-freed", None
 
 
 def hugepages_on() -> bool:
@@ -72,15 +80,32 @@ def hugepages_on() -> bool:
     return f"{TUNABLE}=1" in os.environ.get("GLIBC_TUNABLES", "").split(":")
 
 
+_kept = False  # keep_freed_memory() took effect in this process
+
+
 def heap_only() -> bool:
-    """Whether this process's malloc was started with every block from the heap (HEAP_ONLY)."""
-    return HEAP_ONLY[0] in os.environ.get("GLIBC_TUNABLES", "").split(":")
+    """Whether this process keeps freed memory on its heap (the `start` event records it)."""
+    return _kept
+
+
+def keep_freed_memory() -> bool:
+    """In a training process: mallopt(KEEP_FREED) where the run's decision says so; True if it did."""
+    global _kept
+    if os.environ.get(DECISION) == "keep-freed" and glibc_version() is not None and not _kept:
+        import ctypes
+
+        libc = ctypes.CDLL(None)  # the C library this process runs on
+        _kept = all(libc.mallopt(param, value) == 1 for param, value in KEEP_FREED)
+    return _kept
 
 
 def rerun_with_training_malloc() -> None:
-    """Replace this process (same pid, arguments and interpreter flags) with one whose malloc
-    runs with training_tunables; returns only when there is nothing to change."""
-    value = training_tunables(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
+    """Decide this run's malloc (DECISION) once; where huge pages are to be added, replace this
+    process (same pid, arguments and interpreter flags) with one that starts with them."""
+    if DECISION in os.environ:  # decided already: this is the process run again, or a child of one
+        return
+    decision, value = decide(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
+    os.environ[DECISION] = decision
     if value is None or sys.platform != "linux":
         return
     sys.stdout.flush()

@@ -60,9 +60,10 @@ def _before_exit() -> None:
 def _command(argv: list[str] | None) -> int:
     program = argv is None  # the program itself, not a call from Python code
     if program and sys.argv[1:2] == ["train"]:
-        from sheepop.cpu_allocator import rerun_with_training_malloc
+        from sheepop.cpu_allocator import keep_freed_memory, rerun_with_training_malloc
 
         rerun_with_training_malloc()  # glibc malloc settings (sheepop.cpu_allocator): runs this command again, once, before any import
+        keep_freed_memory()  # from its first allocations on, as a tunable would: cluster=process trains in this process
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:  # no command: usage where errors go, and a failing status (scripts notice)
         print(usage(), file=sys.stderr)

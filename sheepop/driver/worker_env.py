@@ -14,7 +14,8 @@ WORKER_ENV = {
 # Forwarded from the driver's environment when set there, through Ray's runtime_env (which Ray
 # writes to its logs and job table: nothing secret here).
 FORWARD_ENV = ("WANDB_MODE", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_BASE_URL",
-               "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION")
+               "TORCH_EXTENSIONS_DIR", "TORCHINDUCTOR_CACHE_DIR", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
+               "SHEEPOP_MALLOC")  # the run's malloc decision (sheepop.cpu_allocator)
 # Secrets go another way: the driver puts them in Ray's object store and each worker sets them in
 # its own environment (secret_env / apply_secrets); Ray's runtime-env agent logs env_vars in plain text.
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from sheepop import startup
-from sheepop.cpu_allocator import heap_only, hugepages_on
+from sheepop.cpu_allocator import heap_only, hugepages_on, keep_freed_memory
 from sheepop.data.loader import MixtureWindows, TokenWindows, data_step, document_ids
 from sheepop.data.shards import verify_prepared
 from sheepop.errors import UserError
@@ -44,6 +44,7 @@ def train(plan: RunPlan, report=None, restored: str | None = None) -> dict:
     restored: the checkpoint Ray Train hands a restarted worker group. With Ray, rank 0 picks the
     checkpoint to continue from (sheepop.train.restart); it replaces plan.resume.
     """
+    keep_freed_memory()  # this process trains: what a step frees stays for the next (sheepop.cpu_allocator)
     startup.mark("worker")  # this rank's process is up and has imported torch, DeepSpeed and the loop
     if plan.startup.get("launch") != (began := startup.process_start()):  # a Ray worker: its own process
         startup.marks_add("worker_process", began)

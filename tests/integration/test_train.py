@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sheepop.cpu_allocator import HEAP_ONLY, TUNABLE, glibc_version, thp_mode, training_tunables
+from sheepop.cpu_allocator import TUNABLE, decide, glibc_version, thp_mode
 from sheepop.monitor.metrics_file import latest_per_step, read_metrics
 from sheepop.train.stop import STOPPED_EXIT_CODE
 from tests.helpers import ROOT, free_port, one_error_line, sheepop, tiny_overrides
@@ -18,9 +18,10 @@ FP32 = ["trainer.precision=fp32", "trainer.progress=false"]
 
 # The malloc `sheepop train` runs with on this host (sheepop.cpu_allocator): sheepop's settings, or
 # the environment's own where it names a malloc setting.
-MALLOC = (training_tunables(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
-          or os.environ.get("GLIBC_TUNABLES", "")).split(":")
-HUGEPAGES, HEAP = f"{TUNABLE}=1" in MALLOC, HEAP_ONLY[0] in MALLOC
+DECISION, TUNABLES = decide(os.environ.get("GLIBC_TUNABLES", ""), glibc_version(), thp_mode())
+HUGEPAGES = f"{TUNABLE}=1" in (TUNABLES or os.environ.get("GLIBC_TUNABLES", "")).split(":")
+HEAP = DECISION == "keep-freed"
+MALLOC = (DECISION, TUNABLES)
 
 
 def test_default_cluster_run_writes_every_artefact(tmp_path):
@@ -59,7 +60,7 @@ def test_default_cluster_run_writes_every_artefact(tmp_path):
     assert rows[0]["time"] - rows[0]["step_time"] - launched >= startup["engine"]  # the first step comes after
     # The Ray worker trains on all of this machine's CPUs (Ray's own default would be one thread).
     assert start["cpu_threads"] == len(os.sched_getaffinity(0)), start
-    # sheepop train ran itself again with its malloc settings, and the Ray worker inherited them
+    # sheepop train ran itself again with huge pages, which the Ray worker inherited, and the worker keeps freed memory
     assert (start["malloc_hugepages"], start["malloc_heap_only"]) == (HUGEPAGES, HEAP), (start, MALLOC)
     # The Ray started for the run holds the run's actors and no more (compat.ray_torch_trainer,
     # RAY_LOCAL_TRAIN_ENV): each other one would be a Python process started before the first step.
