@@ -167,7 +167,7 @@ def make_plan(cfg: Config, resume: str | None, manifest: dict, mixture: tuple = 
     workers = cfg.cluster.num_workers
     universal = None
     if resume is not None and checkpoint.needs_universal(resume, workers, cfg.parallelism.zero_stage):
-        universal = checkpoint.to_universal(resume)
+        universal = checkpoint.to_universal(resume, checkpoint.run_storage(cfg))
     init_from = str(init_from_folder(cfg.trainer.init_from)) if resume is None and cfg.trainer.init_from else None
     return RunPlan(cfg=cfg, batch=batch_plan(cfg, workers), resume=resume, universal=universal, manifest=manifest,
                    elastic={w: batch_plan(cfg, w) for w in world_sizes(cfg) if w != workers}, init_from=init_from,

@@ -255,20 +255,28 @@ def check_stage_change(ckpt: str, zero_stage: int) -> None:
                         f"trainer.init_from=hf:DIR)")
 
 
-def universal_location(ckpt: str) -> str:
-    """Beside the checkpoints, never inside the checkpoint: <run storage>/universal/step_N."""
-    ckpt = storage.normalize(ckpt)
-    checkpoints = ckpt.rsplit("/", 1)[0]
-    return storage.join(checkpoints.rsplit("/", 1)[0], "universal", storage.name(ckpt))
+def universal_location(ckpt: str, run: str) -> str:
+    """In the storage of the run that resumes (run: checkpoint_files.run_storage), never inside the
+    checkpoint nor in another run: <run>/universal/step_N for one of its own checkpoints,
+    step_N-from-<hash of the source> for another run's (a branch: the source run may be read-only,
+    someone else's bucket, and is left as it was)."""
+    import hashlib
+
+    ckpt, run = storage.normalize(ckpt), storage.normalize(run)
+    step = storage.name(ckpt)
+    if ckpt.rsplit("/", 1)[0] != storage.join(run, "checkpoints"):
+        step += "-from-" + hashlib.sha256(ckpt.encode()).hexdigest()[:10]
+    return storage.join(run, "universal", step)
 
 
-def to_universal(ckpt: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format once (the driver does it, before any
-    rank starts); returns the location to load from (engine.load_checkpoint(..., tag=DS_TAG))."""
+def to_universal(ckpt: str, run: str) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format once, into the resuming run's storage
+    (the driver does it, before any rank starts); returns the location to load from
+    (engine.load_checkpoint(..., tag=DS_TAG))."""
     import subprocess
     import sys
 
-    out = universal_location(ckpt)
+    out = universal_location(ckpt, run)
     if storage.is_file(storage.join(out, "done", "rank_0.json")):
         return out
     source = localize(ckpt)  # all files: the conversion reads every rank's shards

@@ -400,9 +400,9 @@ def _restored_universal(ckpt: str, rank: int, world: int, cfg) -> str | None:
     if not checkpoint.needs_universal(ckpt, world, cfg.parallelism.zero_stage):
         return None
     if rank == 0:
-        checkpoint.to_universal(ckpt)
+        checkpoint.to_universal(ckpt, checkpoint.run_storage(cfg))
     dist.barrier()
-    return checkpoint.universal_location(ckpt)
+    return checkpoint.universal_location(ckpt, checkpoint.run_storage(cfg))
 
 
 def _rank_status(run_dir: Path, rank: int, **fields) -> None:

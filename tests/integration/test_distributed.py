@@ -95,7 +95,10 @@ def test_resume_two_workers_on_one_keeps_global_batch(stage_runs, tmp_path, stag
     # load shares one Adam step counter between the param groups and stage 3 drifted by ~5e-3 in 6 steps.)
     assert max(abs(two[s] - one[s]) for s in one) < 1e-4
     assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before  # the source checkpoint is untouched
-    assert (src.parent.parent / "universal" / src.name / "ds" / "zero").is_dir()  # converted beside it
+    # converted into the resuming run, not into the source run (which may be read-only)
+    assert not (src.parent.parent / "universal").exists()
+    (converted,) = (run / "universal").glob(f"{src.name}-from-*")
+    assert (converted / "ds" / "zero").is_dir()
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_head, tmp_path):

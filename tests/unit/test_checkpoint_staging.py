@@ -1,5 +1,6 @@
 """Where a checkpoint bound for object storage is written before its upload (cluster.checkpoint_staging),
-and how many CPUs sheepop sees (the process's affinity, not the machine's count)."""
+how many CPUs sheepop sees (the process's affinity, not the machine's count), and where a resume's
+universal conversion goes."""
 import os
 import subprocess
 import sys
@@ -68,3 +69,19 @@ def test_cpus_follow_the_affinity():
             "print(usable_cpus(), cpus_per_worker(compose(['model=tiny', 'cluster=local'])))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "1"]
+
+
+def test_universal_conversions_go_into_the_resuming_run():
+    """A resume's own checkpoint converts to <run>/universal/step_N; another run's (a branch) to a name
+    of its own in the resuming run, never beside the source, locally and in a bucket."""
+    from sheepop.train.checkpoint import universal_location
+
+    own = universal_location("/runs/a/checkpoints/step_000006", "/runs/a")
+    assert own == "/runs/a/universal/step_000006"
+    branch = universal_location("/runs/a/checkpoints/step_000006", "/runs/b")
+    assert branch.startswith("/runs/b/universal/step_000006-from-") and branch != own
+    assert universal_location("/runs/c/checkpoints/step_000006", "/runs/b") != branch  # one per source
+    assert universal_location("s3://bk/runs/a/checkpoints/step_000006/", "s3://bk/runs/a") == \
+        "s3://bk/runs/a/universal/step_000006"
+    assert universal_location("s3://bk/runs/a/checkpoints/step_000006", "s3://bk/runs/b").startswith(
+        "s3://bk/runs/b/universal/step_000006-from-")
