@@ -399,10 +399,11 @@ def _restored_universal(ckpt: str, rank: int, world: int, cfg) -> str | None:
     driver never saw this checkpoint) and everyone waits."""
     if not checkpoint.needs_universal(ckpt, world, cfg.parallelism.zero_stage):
         return None
+    run = checkpoint.run_storage(cfg)
     if rank == 0:
-        checkpoint.to_universal(ckpt, checkpoint.run_storage(cfg))
+        checkpoint.to_universal(ckpt, run)
     dist.barrier()
-    return checkpoint.universal_location(ckpt, checkpoint.run_storage(cfg))
+    return checkpoint.universal_location(ckpt, run)
 
 
 def _rank_status(run_dir: Path, rank: int, **fields) -> None:
