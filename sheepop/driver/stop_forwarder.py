@@ -29,6 +29,14 @@ from sheepop.train.stop import SAVE, STOP, STOP_FILE
 GRACE_ENV = "SHEEPOP_STOP_GRACE_S"  # set by `sheepop submit --stop-grace`
 
 
+def write_stop_file(run_dir: Path, reason: str) -> None:
+    """run.dir/STOP holding the reason, whole at once: a rank polling it between the file's creation
+    and its write would read it empty and report "run.dir/STOP exists" (seen once in the suite)."""
+    tmp = Path(run_dir) / f".{STOP_FILE}.tmp"
+    tmp.write_text(reason + "\n")
+    os.replace(tmp, Path(run_dir) / STOP_FILE)
+
+
 class StopForwarder:
     DRAIN_POLL_S = 2.0  # how often the driver looks for draining nodes (a spot notice gives 30-120 s)
 
@@ -62,7 +70,7 @@ class StopForwarder:
         if self.reason is not None:
             raise KeyboardInterrupt  # second signal: abort now
         self.reason, self.asked_at = f"{name} received by the driver", time.monotonic()
-        (self.run_dir / STOP_FILE).write_text(self.reason + "\n")  # ranks on this machine read it at once
+        write_stop_file(self.run_dir, self.reason)  # ranks on this machine read it at once
         self.request(STOP, self.reason)
         self.say(f"[yellow]{name}: stopping; every rank saves a checkpoint at the end of its step "
                  f"({'Ctrl-C' if signum == signal.SIGINT else 'the signal'} again to abort)[/]")

@@ -62,3 +62,43 @@ def test_skipped_steps_shift_the_data_windows_after_them():
     assert [data_step(i, [3]) for i in range(5)] == [0, 1, 3, 4, 5]
     assert [data_step(i, {4, 3}) for i in range(5)] == [0, 1, 4, 5, 6]
     assert [data_step(i, [1]) for i in range(2)] == [1, 2]
+
+
+@pytest.mark.parametrize("writer", ["write_stop_file", "plain write_text"])
+def test_a_rank_never_reads_the_drivers_stop_file_half_written(tmp_path, writer):
+    """A rank polls run.dir/STOP while the driver writes it. A plain write_text creates the file
+    empty before writing the reason, and a rank reading in between reported "run.dir/STOP exists"
+    instead of the driver's signal (test_stop caught it once). The plain write is kept here to show
+    the test sees that window."""
+    import threading
+
+    from sheepop.driver.stop_forwarder import write_stop_file
+
+    reason = "SIGTERM received by the driver"
+    seen: set = set()
+    done = threading.Event()
+
+    def rank():
+        req = StopRequest(tmp_path)  # a thread of its own: no signal handlers, only the file
+        while not done.is_set():
+            seen.add(req.poll()[0])
+
+    t = threading.Thread(target=rank)
+    t.start()
+    try:
+        for _ in range(1000):
+            if writer == "write_stop_file":
+                write_stop_file(tmp_path, reason)
+            else:
+                (tmp_path / "STOP").write_text(reason + "\n")
+                if "run.dir/STOP exists" in seen:  # the window was seen: enough
+                    break
+            (tmp_path / "STOP").unlink()
+    finally:
+        done.set()
+        t.join()
+    assert reason in seen
+    if writer == "write_stop_file":
+        assert seen <= {None, reason}
+    else:
+        assert "run.dir/STOP exists" in seen
