@@ -12,8 +12,12 @@ the median step_time of `seconds` of training after the first 5 logged steps:
      (SIGSTOP: they never wake) one group after another (sheepop's StopFlag actor, the
      dashboard's processes, Ray Train's SynchronizationActor), then all thawed. A frozen process
      is what removing it would give at best.
+  policy (only when asked: what=policy): one run whose phases alternate the scheduling policy of
+     Ray's processes and the worker's non-compute threads: SCHED_OTHER (the default), SCHED_BATCH,
+     SCHED_OTHER, SCHED_IDLE, `rounds` times. A BATCH or IDLE thread that wakes does not preempt a
+     running compute thread; it waits for the next tick or an idle core.
 
-    python bench/local_ray_cost.py [what=dashboard,phases] [rounds=3] [seconds=25] [model=small] [micro=8]
+    python bench/local_ray_cost.py [what=dashboard,phases|policy] [rounds=3] [seconds=25] [model=small] [micro=8]
 """
 from __future__ import annotations
 
@@ -179,6 +183,44 @@ def phases(o: dict) -> None:
         run.stop()
 
 
+def policy(o: dict) -> None:
+    """Ray's processes and the worker's non-compute threads under SCHED_BATCH / SCHED_IDLE, phases
+    alternating with SCHED_OTHER in one run: a BATCH or IDLE thread that wakes never preempts a
+    running one (the kernel's wake-up preemption skips them), so it waits for a tick or an idle core."""
+    run = Run(o["model"], o["micro"])
+    try:
+        run.warm()
+        run.median_over(o["seconds"])  # settling
+        quiet = quiet_threads(run)
+        names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_BATCH: "SCHED_BATCH", os.SCHED_IDLE: "SCHED_IDLE"}
+        got: dict[int, list[float]] = {k: [] for k in names}
+        for _ in range(o["rounds"]):
+            for pol in (os.SCHED_OTHER, os.SCHED_BATCH, os.SCHED_OTHER, os.SCHED_IDLE):
+                for _, tid in quiet:
+                    try:
+                        os.sched_setscheduler(tid, pol, os.sched_param(0))
+                    except OSError:
+                        pass  # a thread that ended
+                t = run.median_over(o["seconds"])
+                got[pol].append(t)
+                print(f"  {names[pol]:<12} {t * 1000:.0f} ms", flush=True)
+        base = statistics.mean(got[os.SCHED_OTHER])
+        print("  mean: " + ", ".join(f"{names[k]} {statistics.mean(v) * 1000:.0f} ms ({base / statistics.mean(v):.3f}x)"
+                                     for k, v in got.items()))
+    finally:
+        run.stop()
+
+
+def quiet_threads(run: Run) -> list[tuple[int, int]]:
+    """(pid, tid) of every thread of the local Ray but the training worker's two busiest."""
+    worker = processes(("ray::RayTrainWorker",))[0]
+    before = {t: cpu_ticks(worker, t) for t in threads_of(worker)}
+    time.sleep(2)
+    compute = sorted(before, key=lambda t: before[t] - cpu_ticks(worker, t))[:2]  # the two busiest
+    others = [(p, t) for p in processes(RAY) if p != worker and p != run.proc.pid for t in threads_of(p)]
+    return others + [(worker, t) for t in threads_of(worker) if t not in compute]
+
+
 def main(argv: list[str]) -> None:
     o = {"what": "dashboard,phases", "rounds": 3, "seconds": 25.0, "model": "small", "micro": 8,
          **bench_options(argv, {"what": str, "rounds": int, "seconds": float, "model": str, "micro": int},
@@ -187,7 +229,7 @@ def main(argv: list[str]) -> None:
           f"median step of {o['seconds']:g} s of training")
     for what in o["what"].split(","):
         print(f"\n{what}:")
-        {"dashboard": dashboard, "phases": phases}[what](o)
+        {"dashboard": dashboard, "phases": phases, "policy": policy}[what](o)
 
 
 if __name__ == "__main__":
