@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -86,7 +87,7 @@ def test_a_rank_never_reads_the_drivers_stop_file_half_written(tmp_path, writer)
     t = threading.Thread(target=rank)
     t.start()
     try:
-        for _ in range(1000):
+        for _ in range(1000 if writer == "write_stop_file" else 20000):  # the plain write: seen within 1-5 here
             if writer == "write_stop_file":
                 write_stop_file(tmp_path, reason)
             else:
@@ -94,6 +95,10 @@ def test_a_rank_never_reads_the_drivers_stop_file_half_written(tmp_path, writer)
                 if "run.dir/STOP exists" in seen:  # the window was seen: enough
                     break
             (tmp_path / "STOP").unlink()
+        write_stop_file(tmp_path, reason)  # and left in place: the rank reads it whole
+        deadline = time.monotonic() + 30
+        while reason not in seen and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         done.set()
         t.join()
