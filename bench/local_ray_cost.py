@@ -153,12 +153,7 @@ def phases(o: dict) -> None:
             t = run.median_over(o["seconds"])
             print(f"  {name:<58} {t * 1000:.0f} ms  {t / base:.3f}× baseline", flush=True)
 
-        worker = processes(("ray::RayTrainWorker",))[0]
-        before = {t: cpu_ticks(worker, t) for t in threads_of(worker)}
-        time.sleep(2)
-        compute = sorted(before, key=lambda t: before[t] - cpu_ticks(worker, t))[:2]  # the two busiest
-        others = [(p, t) for p in processes(RAY) if p != worker and p != run.proc.pid for t in threads_of(p)]
-        quiet = others + [(worker, t) for t in threads_of(worker) if t not in compute]
+        quiet = quiet_threads(run)
         for nice in (19, 0):
             for _, tid in quiet:
                 try:
